@@ -1,0 +1,90 @@
+"""``patch`` / ``unpatch``: token merging on models users already have.
+
+Each backbone family has its own small module with ``why_unsupported``,
+``patch`` and ``unpatch``; this file picks the family and checks options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from . import timm_vit
+from .options import CubistOptions, ToMeOptions
+
+METHODS = ("cubist", "tome")
+_FAMILIES = (timm_vit,)
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not one of the families cubistmerge can patch."""
+
+
+def _family_of(model: nn.Module):
+    if hasattr(model, timm_vit.ORIGINAL_CLASS_ATTR):
+        return timm_vit
+    reasons = []
+    for family in _FAMILIES:
+        reason = family.why_unsupported(model)
+        if reason is None:
+            return family
+        reasons.append(f"{family.FAMILY}: {reason}")
+    supported = "; ".join(f.FAMILY for f in _FAMILIES)
+    raise UnsupportedModelError(
+        f"cubistmerge cannot patch {type(model).__module__}.{type(model).__name__}. "
+        f"Supported families: {supported}. Why not this one: {' | '.join(reasons)}"
+    )
+
+
+def _num_blocks(model: nn.Module) -> int:
+    return len(model.blocks)
+
+
+def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module:
+    """Make ``model`` merge tokens; patches in place and returns it.
+
+    Patching an already patched model replaces its settings.
+
+    Args:
+        model: a supported model (see :class:`UnsupportedModelError` for the list).
+        method: ``"cubist"`` (CubistMerge) or ``"tome"`` (ToMe baseline).
+        **options: for ``"cubist"``: ``r`` (int tokens per row and column, a
+            ``(r_h, r_w)`` pair, or a float fraction of the grid side; default 1),
+            ``loc`` (block whose input is reduced; default 1), or
+            ``stages=[(loc, r_h, r_w), ...]`` for several reductions,
+            ``representation`` ("maxmag", "maxmag_vector", "mean"),
+            ``metric`` ("cosine", "l2").
+            For ``"tome"``: ``r`` (int per block, ``(r, inflection)``, or a
+            list of per-block ints; default 8), ``prop_attn`` (default True).
+            For both: ``recover_output`` (default True: ``forward_features``
+            returns every original token position, filled from its merged
+            token, so heads and dense users see the unmerged layout) and
+            ``trace_source`` (store the last forward's (B, N) token-to-merged
+            index map as ``model.cubistmerge_source``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    family = _family_of(model)
+    builder = CubistOptions if method == "cubist" else ToMeOptions
+    try:
+        parsed = builder.build(num_blocks=_num_blocks(model), **options)
+    except TypeError as error:
+        raise TypeError(f"{error}. Options of method={method!r}: {_option_names(builder)}") from None
+    return family.patch(model, parsed)
+
+
+def _option_names(builder: type) -> str:
+    import inspect
+
+    return ", ".join(name for name in inspect.signature(builder.build).parameters if name not in ("cls", "num_blocks"))
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the model's original class; its parameters were never touched."""
+    if not hasattr(model, timm_vit.ORIGINAL_CLASS_ATTR):
+        raise ValueError("this model is not patched by cubistmerge")
+    return timm_vit.unpatch(model)
+
+
+__all__ = ["METHODS", "UnsupportedModelError", "patch", "unpatch"]

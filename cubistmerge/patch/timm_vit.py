@@ -1,0 +1,299 @@
+"""Patching timm's plain ViT family (``vision_transformer.VisionTransformer``).
+
+Covers ViT, DeiT (with its distillation token), DINOv2 (LayerScale, register
+tokens) and every other model whose blocks are ``vision_transformer.Block``.
+
+The model's class is swapped for a subclass that overrides only
+``forward_features`` and ``forward_intermediates``: the embedding, the blocks,
+the norm and the head are the model's own modules, called as they are.
+CubistMerge needs nothing inside a block (it reduces the grid between two
+blocks). ToMe merges between a block's attention and its MLP, so its blocks run
+through :func:`tome_block_forward`, which calls the block's own attention
+module (fused SDPA, q/k norm, gating kept) and reads the keys it computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import Attention
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch.utils.checkpoint import checkpoint
+
+from ..merge.cubist import cubist_merge
+from ..merge.tome import bipartite_soft_matching, max_tome_r, merge_weighted
+from .options import CubistOptions, ToMeOptions
+from .state import MergeState, as_additive_bias, with_prefix
+
+FAMILY = "timm VisionTransformer (blocks: timm.models.vision_transformer.Block)"
+OPTIONS_ATTR = "_cubistmerge_options"
+ORIGINAL_CLASS_ATTR = "_cubistmerge_original_class"
+SOURCE_ATTR = "cubistmerge_source"
+
+# The upstream signatures this override reproduces. If timm adds a parameter,
+# patching refuses instead of silently ignoring it.
+_FEATURES_PARAMS = ("self", "x", "attn_mask", "is_causal")
+_INTERMEDIATES_PARAMS = (
+    "self", "x", "indices", "return_prefix_tokens", "norm", "stop_early", "output_fmt",
+    "intermediates_only", "output_dict", "attn_mask", "is_causal",
+)
+
+
+def supports(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer) and all(type(blk) is Block for blk in model.blocks)
+
+
+def why_unsupported(model: nn.Module) -> str | None:
+    """None if the plain-ViT patch can handle ``model``, else the reason."""
+    if not isinstance(model, VisionTransformer):
+        return f"{type(model).__name__} is not a timm VisionTransformer"
+    others = sorted({type(blk).__name__ for blk in model.blocks if type(blk) is not Block})
+    if others:
+        return f"its blocks are {others}, not timm.models.vision_transformer.Block"
+    for method, expected in (("forward_features", _FEATURES_PARAMS), ("forward_intermediates", _INTERMEDIATES_PARAMS)):
+        found = tuple(inspect.signature(getattr(VisionTransformer, method)).parameters)
+        unknown = set(found) - set(expected)
+        if unknown:
+            return f"this timm version's VisionTransformer.{method} has parameters {sorted(unknown)} cubistmerge does not know"
+    return None
+
+
+def patch(model: VisionTransformer, options: CubistOptions | ToMeOptions) -> VisionTransformer:
+    if isinstance(options, ToMeOptions):
+        plain = [type(blk.attn).__name__ for blk in model.blocks if not isinstance(blk.attn, Attention)]
+        if plain:
+            raise ValueError(f"ToMe needs timm Attention modules to read the keys from; this model has {plain[0]}")
+    if isinstance(options, CubistOptions):
+        options.check_grid(tuple(model.patch_embed.grid_size))
+    original = getattr(model, ORIGINAL_CLASS_ATTR, type(model))
+    model.__class__ = _merging_class(original)
+    setattr(model, ORIGINAL_CLASS_ATTR, original)
+    setattr(model, OPTIONS_ATTR, options)
+    return model
+
+
+def unpatch(model: VisionTransformer) -> VisionTransformer:
+    model.__class__ = getattr(model, ORIGINAL_CLASS_ATTR)
+    for attr in (ORIGINAL_CLASS_ATTR, OPTIONS_ATTR, SOURCE_ATTR):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return model
+
+
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _merging_class(original: type) -> type:
+    # One subclass per original class, so isinstance checks and repr keep working.
+    if original not in _CLASS_CACHE:
+        _CLASS_CACHE[original] = type(f"Merging{original.__name__}", (_MergingViT, original), {})
+    return _CLASS_CACHE[original]
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def _patch_grid(model: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:
+    if model.dynamic_img_size:
+        return tuple(model.patch_embed.dynamic_feat_size(images.shape[-2:]))
+    return tuple(model.patch_embed.grid_size)
+
+
+def _embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _start_state(
+    model: VisionTransformer, images: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor | None, needs_grid: bool
+) -> MergeState:
+    grid = _patch_grid(model, images)
+    num_prefix = model.num_prefix_tokens
+    if x.shape[1] != num_prefix + grid[0] * grid[1]:
+        if needs_grid:
+            raise RuntimeError(
+                f"CubistMerge needs the full {grid[0]}x{grid[1]} patch grid but the blocks get {x.shape[1]} tokens "
+                f"({num_prefix} prefix): patch dropout or token masking removed tokens. Run in eval mode or "
+                f"build the model with patch_drop_rate=0."
+            )
+        grid = None
+    bias = as_additive_bias(attn_mask, x.dtype, x.shape[1])
+    return MergeState(num_prefix=num_prefix, num_original=x.shape[1], grid=grid, attn_bias=bias)
+
+
+def cubist_reduce(x: torch.Tensor, state: MergeState, r_h: int, r_w: int, options: CubistOptions):
+    """Reduce the patch grid of (B, prefix + H*W, C) tokens; prefix tokens pass through."""
+    H, W = state.grid
+    B, _, C = x.shape
+    p = state.num_prefix
+    with torch.profiler.record_function("cubistmerge::cubist_merge"):
+        grid_tokens = x[:, p:].reshape(B, H, W, C)
+        merged, recover = cubist_merge(
+            grid_tokens, r_h, r_w, representation=options.representation, metric=options.metric
+        )
+        Hm, Wm = recover.merged_grid
+        x = torch.cat([x[:, :p], merged.reshape(B, Hm * Wm, C)], dim=1)
+        index = with_prefix(recover.index, p)
+        state = state.merged(index, p + Hm * Wm, grid=(Hm, Wm))
+    return x, state
+
+
+@contextlib.contextmanager
+def _captured_keys(attn: Attention) -> Iterator[list[torch.Tensor]]:
+    """Collect the keys (B, heads, N, head_dim) the attention module computes, after its k_norm."""
+    keys: list[torch.Tensor] = []
+    handle = attn.k_norm.register_forward_hook(lambda _module, _inputs, output: keys.append(output))
+    try:
+        yield keys
+    finally:
+        handle.remove()
+
+
+def tome_block_forward(
+    block: Block, x: torch.Tensor, state: MergeState, r: int, options: ToMeOptions, is_causal: bool = False
+) -> tuple[torch.Tensor, MergeState]:
+    """One ViT block with ToMe: attention (with proportional attention), merge r tokens, MLP."""
+    bias = state.attn_bias
+    if options.prop_attn and state.size is not None:
+        log_size = state.size.log().to(x.dtype)[:, None, None, :]  # (B, 1, 1, N)
+        bias = log_size if bias is None else bias + log_size
+    if is_causal and bias is not None:
+        raise ValueError("is_causal cannot be combined with ToMe's merged tokens; use method='cubist' or no mask")
+    with _captured_keys(block.attn) as keys:
+        attn_kwargs: dict[str, Any] = {}
+        if bias is not None:
+            attn_kwargs["attn_mask"] = bias
+        if is_causal:
+            attn_kwargs["is_causal"] = True
+        attn_out = block.attn(block.norm1(x), **attn_kwargs)
+    x = x + block.drop_path1(block.ls1(attn_out))
+
+    r = min(r, max_tome_r(x.shape[1], state.num_prefix))
+    if r > 0:
+        with torch.profiler.record_function("cubistmerge::tome_merge"):
+            metric = keys[-1].mean(dim=1)  # (B, N, head_dim): keys averaged over heads
+            index = bipartite_soft_matching(metric, r, num_protected=state.num_prefix)
+            num_out = x.shape[1] - r
+            size = state.size if state.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
+            x, size = merge_weighted(x, index, num_out, size.to(x.dtype))
+            state = state.merged(index, num_out, grid=None, size=size.float())
+
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, state
+
+
+def _plain_block_forward(block: Block, x: torch.Tensor, state: MergeState, is_causal: bool) -> torch.Tensor:
+    if state.attn_bias is None and not is_causal:
+        return block(x)
+    return block(x, attn_mask=state.attn_bias, is_causal=is_causal)
+
+
+class _MergingViT:
+    """Mixin placed in front of the model's own class by :func:`patch`."""
+
+    def _merging_tokens(
+        self,
+        images: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        take_indices: set[int] | None = None,
+        last_block: int | None = None,
+        norm_intermediates: bool = False,
+    ) -> tuple[torch.Tensor, MergeState, list[torch.Tensor]]:
+        """Embed and run the blocks with merging.
+
+        Returns the final tokens (not normed, still merged), the final state,
+        and the outputs of the blocks in ``take_indices`` in the original
+        token layout (optionally normed).
+        """
+        options = getattr(self, OPTIONS_ATTR)
+        cubist = isinstance(options, CubistOptions)
+        x = _embed(self, images)
+        state = _start_state(self, images, x, attn_mask, needs_grid=cubist)
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        intermediates = []
+        blocks = self.blocks if last_block is None else self.blocks[: last_block + 1]
+        for i, block in enumerate(blocks):
+            if cubist:
+                stage = options.stage_at(i)
+                if stage is not None:
+                    r_h, r_w = stage.resolve(state.grid)
+                    if r_h or r_w:
+                        x, state = cubist_reduce(x, state, r_h, r_w, options)
+                if checkpointing:
+                    x = checkpoint(_plain_block_forward, block, x, state, is_causal, use_reentrant=False)
+                else:
+                    x = _plain_block_forward(block, x, state, is_causal)
+            else:
+                r = options.r_schedule[i]
+                if checkpointing:
+                    x, state = checkpoint(tome_block_forward, block, x, state, r, options, is_causal,
+                                          use_reentrant=False)
+                else:
+                    x, state = tome_block_forward(block, x, state, r, options, is_causal)
+            if take_indices is not None and i in take_indices:
+                intermediates.append(state.recover(self.norm(x) if norm_intermediates else x))
+        if options.trace_source:
+            n = state.num_original
+            source = state.groups if state.groups is not None else torch.arange(n, device=x.device).expand(len(x), n)
+            setattr(self, SOURCE_ATTR, source)
+        return x, state, intermediates
+
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        x, state, _ = self._merging_tokens(x, attn_mask, is_causal)
+        x = self.norm(x)
+        return state.recover(x) if getattr(self, OPTIONS_ATTR).recover_output else x
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ):
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        tokens, state, intermediates = self._merging_tokens(
+            x, attn_mask, is_causal, set(take_indices), max_index if stop_early else None, norm
+        )
+        p = self.num_prefix_tokens
+        prefix = [y[:, :p] for y in intermediates] if p else None
+        intermediates = [y[:, p:] for y in intermediates]
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+
+        def final() -> torch.Tensor:
+            out = self.norm(tokens)
+            return state.recover(out) if getattr(self, OPTIONS_ATTR).recover_output else out
+
+        if output_dict:
+            result = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                result["image_features"] = final()
+            return result
+        if return_prefix_tokens and prefix is not None:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return final(), intermediates
