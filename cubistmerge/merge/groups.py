@@ -6,7 +6,9 @@ merged token that token ``t`` of image ``b`` became. Unmerging is then a gather
 (each original position receives a copy of its group's token), and composing
 two merges is a gather of one index map by the other. No N x N matrix is built.
 
-These are pure functions over tensors: nothing here modifies its inputs.
+These are pure functions over tensors: nothing here modifies its inputs (the
+in-place scatters below write only into tensors allocated here, which saves a
+copy of every output).
 """
 
 from __future__ import annotations
@@ -77,29 +79,28 @@ def merge_groups(
         raise ValueError(f"index must have shape {(B, N)} to match x {tuple(x.shape)}, got {tuple(index.shape)}")
     if size is None:
         size = torch.ones(B, N, dtype=x.dtype, device=x.device)
-    merged_size = size.new_zeros(B, num_out).scatter_add(1, index, size)
+    merged_size = size.new_zeros(B, num_out).scatter_add_(1, index, size)
     channel_index = index.unsqueeze(-1).expand(B, N, C)
 
     if representation == "mean":
         weighted = x * size.unsqueeze(-1).to(x.dtype)
-        total = x.new_zeros(B, num_out, C).scatter_add(1, channel_index, weighted)
+        total = x.new_zeros(B, num_out, C).scatter_add_(1, channel_index, weighted)
         return total / merged_size.unsqueeze(-1).to(x.dtype), merged_size
 
     if representation == "maxmag":
-        empty = x.new_empty(B, num_out, C)
-        largest = empty.scatter_reduce(1, channel_index, x, "amax", include_self=False)
-        smallest = empty.scatter_reduce(1, channel_index, x, "amin", include_self=False)
+        largest = x.new_empty(B, num_out, C).scatter_reduce_(1, channel_index, x, "amax", include_self=False)
+        smallest = x.new_empty(B, num_out, C).scatter_reduce_(1, channel_index, x, "amin", include_self=False)
         # The member with the largest magnitude is either the group's maximum or
         # its minimum: whichever is further from zero.
         return torch.where(largest >= -smallest, largest, smallest), merged_size
 
     if representation == "maxmag_vector":
         norms = torch.linalg.vector_norm(x.to(score_dtype(x.dtype)), dim=-1)  # (B, N)
-        group_best = norms.new_empty(B, num_out).scatter_reduce(1, index, norms, "amax", include_self=False)
+        group_best = norms.new_empty(B, num_out).scatter_reduce_(1, index, norms, "amax", include_self=False)
         is_best = norms == group_best.gather(1, index)
         positions = torch.arange(N, device=x.device).expand(B, N)
         candidate = torch.where(is_best, positions, torch.full_like(positions, N))
-        winner = candidate.new_full((B, num_out), N).scatter_reduce(1, index, candidate, "amin")
+        winner = candidate.new_full((B, num_out), N).scatter_reduce_(1, index, candidate, "amin")
         return x.gather(1, winner.unsqueeze(-1).expand(B, num_out, C)), merged_size
 
     raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
@@ -145,8 +146,8 @@ def reduce_pairwise_bias(bias: torch.Tensor, index: torch.Tensor, num_out: int) 
     bias = bias.expand(B, bias.shape[1], N, N)
     heads = bias.shape[1]
     key_index = index.view(B, 1, 1, N).expand(B, heads, N, N)
-    by_key = bias.new_empty(B, heads, N, num_out).scatter_reduce(3, key_index, bias, "amax", include_self=False)
+    by_key = bias.new_empty(B, heads, N, num_out).scatter_reduce_(3, key_index, bias, "amax", include_self=False)
     query_index = index.view(B, 1, N, 1).expand(B, heads, N, num_out)
-    return by_key.new_empty(B, heads, num_out, num_out).scatter_reduce(
+    return by_key.new_empty(B, heads, num_out, num_out).scatter_reduce_(
         2, query_index, by_key, "amax", include_self=False
     )
