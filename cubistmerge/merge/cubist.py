@@ -9,6 +9,7 @@ value of largest magnitude. See ``docs``/METHOD.md section 1 for the steps.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -135,8 +136,19 @@ class Recover:
     def then(self, later: Recover) -> Recover:
         """The recover of this reduction followed by ``later`` (a reduction of the merged grid)."""
         if later.grid != self.merged_grid:
-            raise ValueError(f"cannot chain: later reduction starts from {later.grid}, this one ends at {self.merged_grid}")
+            raise ValueError(
+                f"cannot chain: the later reduction starts from {later.grid}, this one ends at {self.merged_grid}"
+            )
         return Recover(later.index.gather(1, self.index), self.grid, later.merged_grid)
+
+
+def _as_int(name: str, r: object) -> int:
+    if isinstance(r, bool) or isinstance(r, float):
+        raise ValueError(f"{name} must be an int number of tokens, got {r!r}")
+    try:
+        return operator.index(r)  # int, numpy and 0-d torch integers
+    except TypeError:
+        raise ValueError(f"{name} must be an int number of tokens, got {r!r}") from None
 
 
 def _check_request(x: torch.Tensor, r_h: int, r_w: int) -> None:
@@ -144,8 +156,6 @@ def _check_request(x: torch.Tensor, r_h: int, r_w: int) -> None:
         raise ValueError(f"cubist_merge expects a 4-D grid (B, H, W, C), got a tensor of shape {tuple(x.shape)}")
     _, H, W, _ = x.shape
     for name, r, n, axis in (("r_h", r_h, H, "column"), ("r_w", r_w, W, "row")):
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise ValueError(f"{name} must be an int, got {r!r}")
         if not 0 <= r <= n // 2:
             raise ValueError(
                 f"{name} = {r} is not possible: one reduction removes 0 to {n // 2} tokens "
@@ -177,6 +187,7 @@ def cubist_merge(
         merged (B, H - r_h, W - r_w, C), and a :class:`Recover` mapping any
         (B, H - r_h, W - r_w, C') tensor back to (B, H, W, C').
     """
+    r_h, r_w = _as_int("r_h", r_h), _as_int("r_w", r_w)
     _check_request(x, r_h, r_w)
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")

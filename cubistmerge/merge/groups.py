@@ -88,15 +88,17 @@ def merge_groups(
         return total / merged_size.unsqueeze(-1).to(x.dtype), merged_size
 
     if representation == "maxmag":
-        largest = x.new_empty(B, num_out, C).scatter_reduce_(1, channel_index, x, "amax", include_self=False)
-        smallest = x.new_empty(B, num_out, C).scatter_reduce_(1, channel_index, x, "amin", include_self=False)
+        # Start from -inf / +inf with include_self=True: with include_self=False autograd would also
+        # compare against the (ignored) starting values and split gradients with them.
+        largest = x.new_full((B, num_out, C), float("-inf")).scatter_reduce_(1, channel_index, x, "amax")
+        smallest = x.new_full((B, num_out, C), float("inf")).scatter_reduce_(1, channel_index, x, "amin")
         # The member with the largest magnitude is either the group's maximum or
         # its minimum: whichever is further from zero.
         return torch.where(largest >= -smallest, largest, smallest), merged_size
 
     if representation == "maxmag_vector":
         norms = torch.linalg.vector_norm(x.to(score_dtype(x.dtype)), dim=-1)  # (B, N)
-        group_best = norms.new_empty(B, num_out).scatter_reduce_(1, index, norms, "amax", include_self=False)
+        group_best = norms.new_full((B, num_out), float("-inf")).scatter_reduce_(1, index, norms, "amax")
         is_best = norms == group_best.gather(1, index)
         positions = torch.arange(N, device=x.device).expand(B, N)
         candidate = torch.where(is_best, positions, torch.full_like(positions, N))
@@ -146,8 +148,9 @@ def reduce_pairwise_bias(bias: torch.Tensor, index: torch.Tensor, num_out: int) 
     bias = bias.expand(B, bias.shape[1], N, N)
     heads = bias.shape[1]
     key_index = index.view(B, 1, 1, N).expand(B, heads, N, N)
-    by_key = bias.new_empty(B, heads, N, num_out).scatter_reduce_(3, key_index, bias, "amax", include_self=False)
+    # -inf start and include_self=True: see merge_groups (exact gradients for a learned bias).
+    by_key = bias.new_full((B, heads, N, num_out), float("-inf")).scatter_reduce_(3, key_index, bias, "amax")
     query_index = index.view(B, 1, N, 1).expand(B, heads, N, num_out)
-    return by_key.new_empty(B, heads, num_out, num_out).scatter_reduce_(
-        2, query_index, by_key, "amax", include_self=False
+    return by_key.new_full((B, heads, num_out, num_out), float("-inf")).scatter_reduce_(
+        2, query_index, by_key, "amax"
     )

@@ -108,6 +108,8 @@ def tome_schedule(r: RSchedule, num_layers: int) -> list[int]:
         base, inflection = r
         if not -1.0 <= inflection <= 1.0:
             raise ValueError(f"inflection must be in [-1, 1], got {inflection}")
+        if num_layers == 1:
+            return [base]
         first, last = base * (1.0 - inflection), base * (1.0 + inflection)
         step = (last - first) / max(num_layers - 1, 1)
         values = [int(first + step * i) for i in range(num_layers)]

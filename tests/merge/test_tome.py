@@ -1,0 +1,316 @@
+"""Tests for the ToMe baseline: bipartite_soft_matching, merge_weighted, tome_schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cubistmerge.merge import (
+    bipartite_soft_matching,
+    compose_groups,
+    max_tome_r,
+    merge_weighted,
+    tome_schedule,
+    unmerge_groups,
+)
+
+from . import reference as ref
+
+SETTINGS = settings(max_examples=150, deadline=None)
+
+
+@st.composite
+def int_metrics(draw, max_batch=2, max_tokens=16, max_channels=4, max_protected=3):
+    """(metric, r, p): integer-valued float64 (B, N, C) features, a valid r and p protected."""
+    batch = draw(st.integers(1, max_batch))
+    tokens = draw(st.integers(1, max_tokens))
+    channels = draw(st.integers(1, max_channels))
+    protected = draw(st.integers(0, min(max_protected, tokens)))
+    count = batch * tokens * channels
+    values = draw(st.lists(st.integers(-4, 4), min_size=count, max_size=count))
+    metric = torch.tensor(values, dtype=torch.float64).reshape(batch, tokens, channels)
+    r = draw(st.integers(0, (tokens - protected) // 2))
+    return metric, r, protected
+
+
+def reference_index(metric: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+    return torch.tensor(
+        [ref.bipartite_matching(row, r, protected) for row in metric.tolist()], dtype=torch.long
+    )
+
+
+# ----------------------------------------------------------------------------
+# bipartite_soft_matching
+# ----------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=int_metrics())
+def test_matching_matches_reference_exactly(case):
+    metric, r, protected = case
+    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    assert index.dtype == torch.long
+    assert index.shape == metric.shape[:2]
+    assert torch.equal(index, reference_index(metric, r, protected))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(2, 24), st.integers(1, 8)),
+    protected=st.integers(0, 3),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_matching_matches_reference_on_continuous_values(shape, protected, seed, data):
+    batch, tokens, channels = shape
+    protected = min(protected, tokens)
+    generator = torch.Generator().manual_seed(seed)
+    metric = torch.randn(batch, tokens, channels, generator=generator, dtype=torch.float64)
+    r = data.draw(st.integers(0, (tokens - protected) // 2))
+    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    assert torch.equal(index, reference_index(metric, r, protected))
+
+
+@SETTINGS
+@given(case=int_metrics())
+def test_matching_structure(case):
+    metric, r, protected = case
+    batch, tokens, _ = metric.shape
+    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    for b in range(batch):
+        slots = index[b].tolist()
+        counts = torch.bincount(index[b], minlength=tokens - r).tolist()
+        assert len(counts) == tokens - r and min(counts, default=1) >= 1
+        # Protected tokens keep slots 0..p-1 and are alone in them.
+        assert slots[:protected] == list(range(protected))
+        assert all(counts[s] == 1 for s in range(protected))
+        # Set B tokens (p+1, p+3, ...) never merge away: they are in distinct slots,
+        # increasing with position, as are the A tokens left alone.
+        set_b = slots[protected + 1 :: 2]
+        assert set_b == sorted(set(set_b))
+        # Exactly r A tokens share a slot with a B token; they sit in a B token's slot.
+        b_slots = set(set_b)
+        merged_a = [slot for slot in slots[protected::2] if slot in b_slots]
+        assert len(merged_a) == r
+        # Survivors (B tokens and unmerged A tokens) keep their relative order.
+        survivors = [s for t, s in enumerate(slots) if t < protected or (t - protected) % 2 or s not in b_slots]
+        assert survivors == list(range(tokens - r))
+
+
+def test_matching_hand_example():
+    # A = {0, 2, 4}, B = {1, 3, 5}. Token 2 equals token 3 (cosine 1) and token 4
+    # is closest to 5; token 0 is orthogonal to every B token (score 0, ties -> B 1).
+    metric = torch.tensor(
+        [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.2, 1.0]]],
+        dtype=torch.float64,
+    )
+    assert bipartite_soft_matching(metric, 1).tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert bipartite_soft_matching(metric, 2).tolist() == [[0, 1, 2, 2, 3, 3]]
+    assert bipartite_soft_matching(metric, 3).tolist() == [[0, 0, 1, 1, 2, 2]]
+
+
+def test_matching_ties_go_to_lowest_b_and_lowest_a():
+    metric = torch.ones(1, 6, 2, dtype=torch.float64)
+    # All scores tie: A tokens 0, 2 (the first two) merge into B token 1.
+    assert bipartite_soft_matching(metric, 2).tolist() == [[0, 0, 0, 1, 2, 3]]
+
+
+def test_matching_protected_tokens_never_receive():
+    # Token 0 is protected and identical to every other token; nothing merges into it.
+    metric = torch.ones(1, 5, 3, dtype=torch.float64)
+    index = bipartite_soft_matching(metric, 2, num_protected=1)
+    assert index.tolist() == [[0, 1, 1, 1, 2]]
+
+
+def test_matching_r_zero_is_identity():
+    metric = torch.randn(2, 7, 3)
+    assert torch.equal(bipartite_soft_matching(metric, 0, num_protected=2), torch.arange(7).expand(2, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matching_low_precision(dtype):
+    metric = torch.randn(2, 11, 6).to(dtype)
+    index = bipartite_soft_matching(metric, 4, num_protected=1)
+    assert index.shape == (2, 11) and index.dtype == torch.long
+    assert index.max() == 11 - 4 - 1
+
+
+def test_matching_does_not_modify_input():
+    metric = torch.randn(2, 9, 4)
+    before, version = metric.clone(), metric._version
+    bipartite_soft_matching(metric, 3, num_protected=1)
+    assert torch.equal(metric, before) and metric._version == version
+
+
+@pytest.mark.parametrize(
+    ("tokens", "protected", "r"),
+    [(8, 0, 5), (8, 0, -1), (9, 1, 5), (9, 3, 4), (4, 3, 1), (1, 0, 1), (10, 2, 100)],
+)
+def test_matching_rejects_out_of_range_r(tokens, protected, r):
+    metric = torch.randn(1, tokens, 3)
+    with pytest.raises(ValueError, match="0 to"):
+        bipartite_soft_matching(metric, r, num_protected=protected)
+
+
+@pytest.mark.parametrize(("tokens", "protected"), [(8, 0), (9, 1), (9, 3), (4, 3), (1, 0), (3, 3)])
+def test_matching_largest_r_allowed(tokens, protected):
+    metric = torch.randn(1, tokens, 3)
+    r = (tokens - protected) // 2
+    assert max_tome_r(tokens, protected) == r
+    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    assert int(index.max()) == tokens - r - 1
+
+
+# ----------------------------------------------------------------------------
+# merge_weighted and unmerge
+# ----------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=int_metrics(), seed=st.integers(0, 2**31 - 1), with_size=st.booleans())
+def test_merge_weighted_matches_loop_reference(case, seed, with_size):
+    metric, r, protected = case
+    batch, tokens, _ = metric.shape
+    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, 5, generator=generator, dtype=torch.float64)
+    size = torch.randint(1, 9, (batch, tokens), generator=generator).double() if with_size else None
+    merged, merged_size = merge_weighted(x, index, tokens - r, size)
+    assert merged.shape == (batch, tokens - r, 5)
+    assert merged_size.shape == (batch, tokens - r)
+    for b in range(batch):
+        values, sizes = ref.weighted_mean(
+            x[b].tolist(), index[b].tolist(), tokens - r, size[b].tolist() if with_size else None
+        )
+        torch.testing.assert_close(merged[b], torch.tensor(values, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert merged_size[b].tolist() == sizes
+
+    restored = unmerge_groups(merged, index)
+    assert restored.shape == x.shape
+    for b in range(batch):
+        assert restored[b].tolist() == ref.unmerge(merged[b].tolist(), index[b].tolist())
+
+
+def test_merge_weighted_keeps_total_mass():
+    x = torch.randn(2, 10, 4, dtype=torch.float64)
+    size = torch.randint(1, 5, (2, 10)).double()
+    index = bipartite_soft_matching(x, 4, num_protected=1)
+    merged, merged_size = merge_weighted(x, index, 6, size)
+    torch.testing.assert_close((merged * merged_size.unsqueeze(-1)).sum(1), (x * size.unsqueeze(-1)).sum(1))
+    assert torch.equal(merged_size.sum(1), size.sum(1))
+
+
+def test_merge_weighted_does_not_modify_inputs():
+    x = torch.randn(1, 6, 3)
+    size = torch.ones(1, 6)
+    index = torch.tensor([[0, 1, 1, 2, 3, 3]])
+    copies = [x.clone(), size.clone(), index.clone()]
+    merge_weighted(x, index, 4, size)
+    for tensor, copy in zip((x, size, index), copies, strict=True):
+        assert torch.equal(tensor, copy)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=int_metrics(max_tokens=14), data=st.data())
+def test_two_rounds_compose(case, data):
+    # Matching twice and merging with sizes equals one merge with the composed map.
+    metric, r, protected = case
+    batch, tokens, _ = metric.shape
+    first = bipartite_soft_matching(metric, r, num_protected=protected)
+    middle = tokens - r
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(batch, tokens, 3, generator=generator, dtype=torch.float64)
+    once, once_size = merge_weighted(x, first, middle)
+    r2 = data.draw(st.integers(0, max_tome_r(middle, protected)))
+    second = bipartite_soft_matching(once, r2, num_protected=protected)
+    twice, twice_size = merge_weighted(once, second, middle - r2, once_size)
+    composed = compose_groups(first, second)
+    for b in range(batch):
+        assert composed[b].tolist() == ref.compose(first[b].tolist(), second[b].tolist())
+    direct, direct_size = merge_weighted(x, composed, middle - r2)
+    torch.testing.assert_close(twice, direct, rtol=0, atol=1e-12)
+    assert torch.equal(twice_size, direct_size)
+
+
+# ----------------------------------------------------------------------------
+# tome_schedule
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("r", "layers"), [(0, 1), (3, 1), (8, 12), (16, 24)])
+def test_schedule_int(r, layers):
+    assert tome_schedule(r, layers) == [r] * layers
+
+
+@pytest.mark.parametrize(
+    ("r", "layers", "expected"),
+    [
+        ((8, 0.0), 4, [8, 8, 8, 8]),
+        ((8, 1.0), 5, [0, 4, 8, 12, 16]),
+        ((8, -1.0), 5, [16, 12, 8, 4, 0]),
+        ((10, 0.5), 3, [5, 10, 15]),
+        ((7, 0.3), 4, [4, 6, 7, 9]),
+    ],
+)
+def test_schedule_tuple_values(r, layers, expected):
+    assert tome_schedule(r, layers) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    r=st.integers(0, 40),
+    inflection=st.one_of(st.floats(-1.0, 1.0, allow_nan=False), st.sampled_from([-1, 0, 1])),
+    layers=st.integers(2, 32),
+)
+def test_schedule_tuple_matches_reference(r, inflection, layers):
+    values = tome_schedule((r, inflection), layers)
+    assert values == ref.tome_schedule((r, inflection), layers)
+    assert all(isinstance(v, int) and v >= 0 for v in values)
+
+
+@pytest.mark.parametrize(
+    ("r", "layers", "expected"),
+    [([], 3, [0, 0, 0]), ([1, 2], 4, [1, 2, 0, 0]), ([5, 4, 3], 3, [5, 4, 3]), ([0], 1, [0])],
+)
+def test_schedule_list(r, layers, expected):
+    assert tome_schedule(r, layers) == expected
+    assert tome_schedule(r, layers) == ref.tome_schedule(r, layers)
+
+
+def test_schedule_list_is_not_aliased():
+    r = [1, 2]
+    values = tome_schedule(r, 2)
+    values[0] = 9
+    assert r == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("r", "layers"),
+    [
+        (-1, 4),
+        ([1, -2], 4),
+        ([1, 2, 3], 2),
+        ((-4, 0.0), 3),
+        ((4, 1.5), 3),
+        ((4, -1.01), 3),
+    ],
+)
+def test_schedule_errors(r, layers):
+    with pytest.raises(ValueError):
+        tome_schedule(r, layers)
+
+
+def test_schedule_error_messages():
+    with pytest.raises(ValueError, match="negative"):
+        tome_schedule(-1, 4)
+    with pytest.raises(ValueError, match=r"\b3\b.*\b2\b"):
+        tome_schedule([1, 2, 3], 2)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        tome_schedule((4, 2.0), 3)
+
+
+def test_schedule_tuple_single_layer_is_the_average():
+    assert tome_schedule((8, 1.0), 1) == [8]
+    assert tome_schedule((8, -0.5), 1) == [8]
