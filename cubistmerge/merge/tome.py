@@ -104,7 +104,9 @@ def tome_schedule(r: RSchedule, num_layers: int) -> list[int]:
     elif isinstance(r, tuple):
         if len(r) != 2 or isinstance(r[0], bool) or not isinstance(r[0], int) \
                 or isinstance(r[1], bool) or not isinstance(r[1], float | int):
-            raise ValueError(f"a tuple r must be (r: int, inflection: float), got {r!r}; use a list for per-block values")
+            raise ValueError(
+                f"a tuple r must be (r: int, inflection: float), got {r!r}; use a list for per-block values"
+            )
         base, inflection = r
         if not -1.0 <= inflection <= 1.0:
             raise ValueError(f"inflection must be in [-1, 1], got {inflection}")

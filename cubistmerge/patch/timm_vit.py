@@ -60,7 +60,10 @@ def why_unsupported(model: nn.Module) -> str | None:
         found = tuple(inspect.signature(getattr(VisionTransformer, method)).parameters)
         unknown = set(found) - set(expected)
         if unknown:
-            return f"this timm version's VisionTransformer.{method} has parameters {sorted(unknown)} cubistmerge does not know"
+            return (
+                f"this timm version's VisionTransformer.{method} has parameters {sorted(unknown)} "
+                "that cubistmerge does not know"
+            )
     return None
 
 
