@@ -196,9 +196,13 @@ def tome_block_forward(
 
 
 def _plain_block_forward(block: Block, x: torch.Tensor, state: MergeState, is_causal: bool) -> torch.Tensor:
-    if state.attn_bias is None and not is_causal:
-        return block(x)
-    return block(x, attn_mask=state.attn_bias, is_causal=is_causal)
+    # Only pass what is set: older timm (1.0.16) blocks take no is_causal argument.
+    kwargs: dict[str, Any] = {}
+    if state.attn_bias is not None:
+        kwargs["attn_mask"] = state.attn_bias
+    if is_causal:
+        kwargs["is_causal"] = True
+    return block(x, **kwargs)
 
 
 class _MergingViT:

@@ -402,7 +402,7 @@ def test_tome_on_dynamic_sizes():
 def test_unsupported_models_get_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="Supported families: timm VisionTransformer"):
         cubistmerge.patch(torch.nn.Linear(3, 3), "cubist")
-    eva = timm.create_model("vit_small_patch16_dinov3", pretrained=False, img_size=64, depth=2)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2)
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
         cubistmerge.patch(eva, "cubist")
     with pytest.raises(ValueError, match="not patched"):
