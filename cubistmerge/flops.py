@@ -65,7 +65,7 @@ def _sdpa_formula(query_shape, key_shape, value_shape, *args: Any, out_shape: An
 def _missing_sdpa_formulas() -> dict[Any, Callable[..., int]]:
     """Formulas for the fused-attention ops of this torch build that FlopCounterMode does not count."""
     mapping: dict[Any, Callable[..., int]] = {}
-    registry = _flop_counter.flop_registry
+    registry = getattr(_flop_counter, "flop_registry", {})  # absent in old torch: register every op
     for name in SDPA_OP_NAMES:
         try:
             packet = getattr(torch.ops.aten, name)

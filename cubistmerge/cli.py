@@ -1,0 +1,538 @@
+"""Command line interface: ``cubistmerge <command> [options]`` (also ``python -m cubistmerge``).
+
+Commands:
+    bench   throughput of a timm model with and without token merging (see ``cubistmerge bench -h``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "bench_command_line",
+    "build_parser",
+    "main",
+    "parse_cubist_r",
+    "parse_cubist_stages",
+    "parse_tome_r",
+    "variant_to_args",
+]
+
+DEFAULT_MODEL = "deit_small_patch16_224"
+DEFAULT_METHODS = ("cubist", "tome")
+DEFAULT_CUBIST_R = 1
+DEFAULT_CUBIST_LOC = 1
+DEFAULT_TOME_R = 8
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-made line breaks of descriptions and epilogs."""
+
+
+# --------------------------------------------------------------------------- value parsers
+
+
+def _amount(text: str, what: str) -> int | float:
+    text = text.strip()
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+    if value < 0 or value != value:  # negative or NaN
+        raise argparse.ArgumentTypeError(f"{what} must be >= 0, got {text!r}")
+    return value
+
+
+def parse_cubist_r(text: str) -> int | float | tuple[int | float, int | float]:
+    """``"2"`` -> 2 tokens per row and column; ``"1,2"`` -> (r_h, r_w); ``"0.1"`` -> fraction of H and W."""
+    parts = text.split(",")
+    if len(parts) > 2 or not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected an int (e.g. 1), 'r_h,r_w' (e.g. 1,2) or a float fraction of the grid side (e.g. 0.1); "
+            f"got {text!r}"
+        )
+    try:
+        amounts = [_amount(part, "r") for part in parts]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{error}; expected an int (e.g. 1), 'r_h,r_w' (e.g. 1,2) or a float fraction such as 0.1"
+        ) from None
+    return amounts[0] if len(amounts) == 1 else (amounts[0], amounts[1])
+
+
+def parse_cubist_stages(text: str) -> list[tuple[Any, ...]]:
+    """``"1:1:1,6:1:1"`` -> [(1, 1, 1), (6, 1, 1)]; a stage may also be ``loc:r`` (same r on both axes)."""
+    stages: list[tuple[Any, ...]] = []
+    for item in text.split(","):
+        fields = item.strip().split(":")
+        if len(fields) not in (2, 3):
+            raise argparse.ArgumentTypeError(
+                f"every stage must be loc:r_h:r_w (or loc:r), stages separated by commas, e.g. 1:1:1,6:1:1; "
+                f"got {item.strip()!r}"
+            )
+        try:
+            loc = int(fields[0])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a stage's loc must be a block index (int), got {fields[0]!r}") from None
+        stages.append((loc, *(_amount(f, "a stage's r") for f in fields[1:])))
+    return stages
+
+
+def parse_tome_r(text: str) -> int | tuple[int, float] | list[int]:
+    """``"8"`` -> 8 per block; ``"8,-0.5"`` -> (r, inflection); ``"[8,8,4]"`` -> per-block list."""
+    text = text.strip()
+    usage = "expected an int (e.g. 8), 'r,inflection' (e.g. 8,-0.5) or a per-block list (e.g. [8,8,4])"
+    if text.startswith("["):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{usage}; got {text!r}") from None
+        if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+            raise argparse.ArgumentTypeError(f"a per-block list must hold non-negative ints; got {text!r}")
+        return value
+    parts = text.split(",")
+    try:
+        if len(parts) == 1:
+            r = int(parts[0])
+            if r < 0:
+                raise argparse.ArgumentTypeError(f"r must be >= 0, got {text!r}")
+            return r
+        if len(parts) == 2:
+            r, inflection = int(parts[0]), float(parts[1])
+            if r < 0 or not -1.0 <= inflection <= 1.0:
+                raise argparse.ArgumentTypeError(f"need r >= 0 and inflection in [-1, 1], got {text!r}")
+            return (r, inflection)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{usage}; got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (try cpu, cuda or cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"only cpu and cuda devices are supported, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available on this machine")
+    return text
+
+
+def _output_path(text: str) -> str:
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"directory {parent!r} does not exist (for output file {text!r})")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, expected a file path")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+# --------------------------------------------------------------------------- bench
+
+
+BENCH_DESCRIPTION = """\
+Measure inference throughput (images/s) of a timm model without token merging (the baseline) and
+with each requested merge method. All copies share the same weights and run in one process,
+interleaved round robin after warm-up, so they see the same machine conditions.
+
+The table reports, per variant: images/s (median, quartiles, extremes over the timed runs), the
+speed-up over the baseline (ratio of medians), GFLOPs per image, the FLOP ratio (baseline FLOPs /
+variant FLOPs), the efficiency (speed-up / FLOP ratio; 1.0 means wall-clock time shrank as much as
+the FLOPs did) and the merge time (share of one profiled forward pass spent merging tokens).
+
+Weights are random unless --checkpoint or --pretrained is given: throughput does not depend on them
+(accuracy is not measured here)."""
+
+BENCH_EPILOG = """\
+examples:
+  cubistmerge bench                                   # deit_small, CubistMerge r=1 at block 1 vs ToMe r=8
+  cubistmerge bench --model deit_base_patch16_224 --method cubist --cubist-r 2,2 --runs 15
+  cubistmerge bench --method cubist --cubist-stages 1:1:1,6:1:1 --method tome --tome-r 8,-0.5
+  cubistmerge bench --method none --runs 20           # A/A control: the speed-up should be ~1
+  cubistmerge bench --device cuda --dtype bfloat16 --batch-size 64 --json bench.json --markdown bench.md
+"""
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import DTYPES
+    from .merge import METRICS, REPRESENTATIONS
+
+    what = parser.add_argument_group("what to measure")
+    what.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help="timm model name; the merge methods need a plain ViT/DeiT (default: %(default)s)",
+    )
+    what.add_argument(
+        "--method",
+        dest="methods",
+        action="extend",
+        nargs="+",
+        choices=("none", "cubist", "tome"),
+        metavar="{none,cubist,tome}",
+        default=None,
+        help="merge method(s) to compare with the baseline; repeatable or several at once. 'none' adds an "
+        "unpatched copy as an A/A control for timing noise (default: cubist tome)",
+    )
+
+    cubist = parser.add_argument_group("CubistMerge options (--method cubist)")
+    cubist.add_argument(
+        "--cubist-r",
+        type=parse_cubist_r,
+        default=None,
+        metavar="R",
+        help=f"tokens removed per column and per row of the patch grid: an int (e.g. 1), 'r_h,r_w' "
+        f"(e.g. 1,2), or a float fraction of the grid side (e.g. 0.1) (default: {DEFAULT_CUBIST_R})",
+    )
+    cubist.add_argument(
+        "--cubist-loc",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"index of the block whose input is reduced (default: {DEFAULT_CUBIST_LOC})",
+    )
+    cubist.add_argument(
+        "--cubist-stages",
+        type=parse_cubist_stages,
+        default=None,
+        metavar="LOC:RH:RW,...",
+        help="several reductions instead of --cubist-r/--cubist-loc, e.g. 1:1:1,6:1:1 reduces the input of "
+        "block 1 and again of block 6",
+    )
+    cubist.add_argument(
+        "--representation",
+        choices=REPRESENTATIONS,
+        default=None,
+        help="how a merged token is formed from its group (default: the patch's, maxmag)",
+    )
+    cubist.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="similarity used to pick neighbours to merge (default: the patch's, cosine)",
+    )
+
+    tome = parser.add_argument_group("ToMe options (--method tome)")
+    tome.add_argument(
+        "--tome-r",
+        type=parse_tome_r,
+        default=None,
+        metavar="R",
+        help=f"tokens merged in every block: an int (e.g. 8), 'r,inflection' for a linear schedule "
+        f"(inflection in [-1, 1], e.g. 8,-0.5), or a per-block list (e.g. [8,8,4]) (default: {DEFAULT_TOME_R})",
+    )
+    tome.add_argument(
+        "--no-prop-attn",
+        action="store_true",
+        help="disable proportional attention (the log-size attention bias of merged tokens)",
+    )
+
+    setup = parser.add_argument_group("setup")
+    setup.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="images per forward pass (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--img-size",
+        type=_positive_int,
+        default=None,
+        metavar="PX",
+        help="square input resolution (default: the model's own, e.g. 224)",
+    )
+    setup.add_argument(
+        "--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)"
+    )
+    setup.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="parameter and input precision (default: %(default)s)"
+    )
+    setup.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="timed rounds; each runs every model copy once (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=2,
+        metavar="N",
+        help="untimed warm-up rounds before timing (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--profile-runs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="profiled forward passes per model copy for the merge time; the median is reported (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (torch.set_num_threads; default: torch's choice)",
+    )
+    weights = setup.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--checkpoint",
+        type=_existing_file,
+        default=None,
+        metavar="PATH",
+        help="load this state_dict file into the model (timm's load_checkpoint) instead of random weights",
+    )
+    weights.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="use timm's pretrained weights (must already be in the local cache when offline)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", type=_output_path, default=None, metavar="PATH", help="also write the result as JSON")
+    output.add_argument(
+        "--markdown", type=_output_path, default=None, metavar="PATH", help="also write the result as a markdown table"
+    )
+    output.add_argument("--no-progress", action="store_true", help="no progress bar or status messages on stderr")
+
+
+def _cubist_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.cubist_stages is not None:
+        if args.cubist_r is not None or args.cubist_loc is not None:
+            parser.error("--cubist-stages replaces --cubist-r and --cubist-loc; give either, not both")
+        options["stages"] = args.cubist_stages
+    else:
+        options["r"] = DEFAULT_CUBIST_R if args.cubist_r is None else args.cubist_r
+        options["loc"] = DEFAULT_CUBIST_LOC if args.cubist_loc is None else args.cubist_loc
+    if args.representation is not None:
+        options["representation"] = args.representation
+    if args.metric is not None:
+        options["metric"] = args.metric
+    return options
+
+
+def _tome_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"r": DEFAULT_TOME_R if args.tome_r is None else args.tome_r}
+    if args.no_prop_attn:
+        options["prop_attn"] = False
+    return options
+
+
+def _bench_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Any]:
+    from .bench import Variant
+
+    methods = list(dict.fromkeys(args.methods or DEFAULT_METHODS))  # de-duplicated, order kept
+    cubist_flags = {
+        "--cubist-r": args.cubist_r,
+        "--cubist-loc": args.cubist_loc,
+        "--cubist-stages": args.cubist_stages,
+        "--representation": args.representation,
+        "--metric": args.metric,
+    }
+    tome_flags = {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None}
+    for method, flags in (("cubist", cubist_flags), ("tome", tome_flags)):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and method not in methods:
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} only to --method {method}, which is not selected")
+    variants = []
+    for method in methods:
+        if method == "cubist":
+            variants.append(Variant("cubist", _cubist_options(args, parser)))
+        elif method == "tome":
+            variants.append(Variant("tome", _tome_options(args)))
+        else:
+            variants.append(Variant("none"))
+    return variants
+
+
+def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    import torch
+
+    from .bench import BenchConfigError, benchmark
+
+    variants = _bench_variants(args, parser)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+
+    def log(message: str) -> None:
+        if progress:
+            print(f"[cubistmerge bench] {message}", file=sys.stderr, flush=True)
+
+    try:
+        result = benchmark(
+            args.model,
+            variants,
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            device=args.device,
+            dtype=args.dtype,
+            runs=args.runs,
+            warmup=args.warmup,
+            checkpoint=args.checkpoint,
+            pretrained=args.pretrained,
+            progress=progress,
+            command=shlex.join(["cubistmerge", *argv]),
+            log=log,
+            profile_runs=args.profile_runs,
+        )
+    except BenchConfigError as error:
+        parser.error(str(error))
+    print(result.to_text(), end="")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(result.to_json() + "\n")
+        log(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(result.to_markdown())
+        log(f"wrote {args.markdown}")
+    return 0
+
+
+def variant_to_args(variant: Any) -> list[str]:
+    """The ``cubistmerge bench`` flags that select one :class:`~cubistmerge.bench.Variant`."""
+    from .bench import Variant
+
+    variant = Variant.coerce(variant)
+    options = dict(variant.options)
+
+    def amount(value: Any) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    args = ["--method", variant.method]
+    if variant.method == "cubist":
+        if "stages" in options:
+            stages = options.pop("stages")
+            args += ["--cubist-stages", ",".join(":".join(amount(v) for v in stage) for stage in stages)]
+        r = options.pop("r", None)
+        if r is not None:
+            args += ["--cubist-r", ",".join(amount(v) for v in r) if isinstance(r, (tuple, list)) else amount(r)]
+        loc = options.pop("loc", None)
+        if loc is not None:
+            args += ["--cubist-loc", str(loc)]
+        for key in ("representation", "metric"):
+            if key in options:
+                args += [f"--{key}", str(options.pop(key))]
+    elif variant.method == "tome":
+        r = options.pop("r", None)
+        if isinstance(r, list):
+            args += ["--tome-r", "[" + ",".join(str(v) for v in r) + "]"]
+        elif isinstance(r, tuple):
+            args += ["--tome-r", ",".join(amount(v) for v in r)]
+        elif r is not None:
+            args += ["--tome-r", str(r)]
+        if options.pop("prop_attn", True) is False:
+            args.append("--no-prop-attn")
+    if options:
+        raise ValueError(f"options {sorted(options)} of {variant.name!r} have no cubistmerge bench flag")
+    return args
+
+
+def bench_command_line(model: str, variant: Any, **settings: Any) -> str:
+    """A ``cubistmerge bench`` command measuring ``variant`` of ``model`` against its baseline.
+
+    ``settings`` map option names to values (``batch_size=16`` -> ``--batch-size 16``); True adds
+    a bare flag, None and False are left out.
+    """
+    args = ["cubistmerge", "bench", "--model", model, *variant_to_args(variant)]
+    for key, value in settings.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return shlex.join(args)
+
+
+# --------------------------------------------------------------------------- entry point
+
+# Each command: (help line, description, epilog, add_arguments, run). New commands register here.
+_Command = tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
+_COMMANDS: dict[str, _Command] = {
+    "bench": (
+        "measure throughput with and without token merging",
+        BENCH_DESCRIPTION,
+        BENCH_EPILOG,
+        _add_bench_arguments,
+        _run_bench,
+    ),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and the parser of each command."""
+    parser = argparse.ArgumentParser(
+        prog="cubistmerge",
+        description="Token merging (CubistMerge, ToMe) for timm Vision Transformers: tools.",
+        epilog="Run 'cubistmerge <command> --help' for the options of a command.",
+        formatter_class=_HelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    subparsers.required = True
+    commands = {}
+    for name, (help_line, description, epilog, add_arguments, _run) in _COMMANDS.items():
+        sub = subparsers.add_parser(
+            name, help=help_line, description=description, epilog=epilog, formatter_class=_HelpFormatter
+        )
+        add_arguments(sub)
+        commands[name] = sub
+    return parser, commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cubistmerge`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    run = _COMMANDS[args.command][4]
+    return run(args, commands[args.command], argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
