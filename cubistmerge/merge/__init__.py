@@ -1,11 +1,21 @@
 """Pure token-merging algorithms: tensors in, tensors out, no nn.Module knowledge."""
 
-from .cubist import METRICS, Recover, cubist_merge, match_neighbours, merge_sequences, neighbour_similarity
+from .cubist import (
+    METRICS,
+    NeighbourMatch,
+    Recover,
+    cubist_merge,
+    match_neighbours,
+    merge_neighbours,
+    merge_sequences,
+    neighbour_similarity,
+)
 from .groups import REPRESENTATIONS, compose_groups, merge_groups, unmerge_groups
 from .tome import bipartite_soft_matching, max_tome_r, merge_weighted, tome_schedule
 
 __all__ = [
     "METRICS",
+    "NeighbourMatch",
     "REPRESENTATIONS",
     "Recover",
     "bipartite_soft_matching",
@@ -14,6 +24,7 @@ __all__ = [
     "match_neighbours",
     "max_tome_r",
     "merge_groups",
+    "merge_neighbours",
     "merge_sequences",
     "merge_weighted",
     "neighbour_similarity",
