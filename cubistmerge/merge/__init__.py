@@ -11,14 +11,25 @@ from .cubist import (
     neighbour_similarity,
 )
 from .groups import REPRESENTATIONS, compose_groups, merge_groups, unmerge_groups
-from .tome import bipartite_soft_matching, max_tome_r, merge_weighted, tome_schedule
+from .tome import (
+    BipartiteMatch,
+    bipartite_soft_matching,
+    match_bipartite,
+    max_tome_r,
+    merge_matched,
+    merge_weighted,
+    tome_schedule,
+)
 
 __all__ = [
     "METRICS",
     "NeighbourMatch",
     "REPRESENTATIONS",
     "Recover",
+    "BipartiteMatch",
     "bipartite_soft_matching",
+    "match_bipartite",
+    "merge_matched",
     "compose_groups",
     "cubist_merge",
     "match_neighbours",

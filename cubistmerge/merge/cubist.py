@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .groups import REPRESENTATIONS, Representation, score_dtype, slots_after_removal
+from .groups import REPRESENTATIONS, Representation, scatter_into, score_dtype, slots_after_removal
 
 Metric = Literal["cosine", "l2"]
 METRICS: tuple[str, ...] = ("cosine", "l2")
@@ -150,7 +150,7 @@ def merge_neighbours(
             combined = torch.where(wins, source_values, current)
         else:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
-        buffer = buffer.scatter(1, step_slots, combined)  # out of place: autograd saved buffer for the gather
+        buffer = scatter_into(buffer, step_slots, combined, add=False)
     return buffer[:, :n_out], merged_size
 
 

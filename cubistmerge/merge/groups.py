@@ -49,6 +49,17 @@ def slots_after_removal(target: torch.Tensor, removed: torch.Tensor) -> torch.Te
     return slot_of_position.gather(1, target)
 
 
+def scatter_into(buffer: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, add: bool) -> torch.Tensor:
+    """``buffer.scatter(1, index, src)`` (or ``scatter_add``) for a buffer this package just made.
+
+    Without autograd the write goes in place, which saves a copy of the whole
+    buffer; with autograd, out of place, because autograd may have saved it.
+    """
+    if buffer.requires_grad:
+        return buffer.scatter_add(1, index, src) if add else buffer.scatter(1, index, src)
+    return buffer.scatter_add_(1, index, src) if add else buffer.scatter_(1, index, src)
+
+
 def merge_groups(
     x: torch.Tensor,
     index: torch.Tensor,

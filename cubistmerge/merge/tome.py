@@ -8,9 +8,11 @@ in the matching: they are never merged away and never receive a merge.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .groups import merge_groups, score_dtype, slots_after_removal
+from .groups import merge_groups, scatter_into, score_dtype, slots_after_removal
 
 _COSINE_EPS = 1e-12
 
@@ -22,7 +24,16 @@ def max_tome_r(num_tokens: int, num_protected: int) -> int:
     return max(num_tokens - num_protected, 0) // 2
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_protected: int = 0) -> torch.Tensor:
+class BipartiteMatch(NamedTuple):
+    """ToMe's choice for one block."""
+
+    index: torch.Tensor  # (B, N) long, slot of every token in the N - r merged tokens
+    sources: torch.Tensor  # (B, r) long, positions merged away (set A)
+    destinations: torch.Tensor  # (B, r) long, the set-B position each source merges into
+    removed: torch.Tensor  # (B, N) bool, True at the sources
+
+
+def match_bipartite(metric: torch.Tensor, r: int, *, num_protected: int = 0) -> BipartiteMatch:
     """Choose which tokens merge, ToMe style.
 
     The unprotected tokens alternate into set A (first, third, ...) and set B.
@@ -35,9 +46,6 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_protected: int 
             over heads).
         r: tokens to remove, 0 <= r <= (N - num_protected) // 2.
         num_protected: the first ``num_protected`` tokens take no part.
-
-    Returns:
-        (B, N) long index map into the N - r merged tokens.
     """
     if metric.dim() != 3:
         raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
@@ -52,8 +60,11 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_protected: int 
         )
     device = metric.device
     positions = torch.arange(N, device=device)
+
     if r == 0:
-        return positions.expand(B, N)
+        nothing = positions.new_empty(B, 0)
+        kept_all = torch.zeros(B, N, dtype=torch.bool, device=device)
+        return BipartiteMatch(positions.expand(B, N), nothing, nothing, kept_all)
 
     feats = metric[:, num_protected:].to(score_dtype(metric.dtype))
     a, b = feats[:, 0::2], feats[:, 1::2]
@@ -64,12 +75,49 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_protected: int 
 
     order = torch.sort(best_score, dim=1, descending=True, stable=True).indices
     chosen_a = order[:, :r]  # (B, r)
-    src = num_protected + 2 * chosen_a
-    dst = num_protected + 2 * best_b.gather(1, chosen_a) + 1
+    sources = num_protected + 2 * chosen_a
+    destinations = num_protected + 2 * best_b.gather(1, chosen_a) + 1
 
-    target = positions.expand(B, N).scatter(1, src, dst)
-    removed = torch.zeros(B, N, dtype=torch.bool, device=device).scatter(1, src, True)
-    return slots_after_removal(target, removed)
+    target = positions.expand(B, N).scatter(1, sources, destinations)
+    removed = torch.zeros(B, N, dtype=torch.bool, device=device).scatter(1, sources, True)
+    return BipartiteMatch(slots_after_removal(target, removed), sources, destinations, removed)
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_protected: int = 0) -> torch.Tensor:
+    """The (B, N) index map of :func:`match_bipartite` (slot of every token in the N - r merged ones)."""
+    return match_bipartite(metric, r, num_protected=num_protected).index
+
+
+def merge_matched(
+    x: torch.Tensor, match: BipartiteMatch, size: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted merge of a bipartite match, touching only the merged tokens.
+
+    Equal to ``merge_weighted(x, match.index, N - r, size)`` up to rounding, but
+    survivors are copied with one gather and each destination d is corrected by
+    sum over its sources s of size_s * (x_s - x_d) / total_size_d, instead of
+    a weighted scatter over every token.
+
+    Args:
+        x: (B, N, C); match: from :func:`match_bipartite`; size: (B, N) or None (ones).
+
+    Returns:
+        merged (B, N - r, C) and merged size (B, N - r).
+    """
+    B, N, C = x.shape
+    r = match.sources.shape[1]
+    if size is None:
+        size = torch.ones(B, N, dtype=x.dtype, device=x.device)
+    kept = torch.sort(match.removed.to(torch.uint8), dim=1, stable=True).indices[:, : N - r]
+    merged = x.gather(1, kept.unsqueeze(-1).expand(B, N - r, C))
+    source_size = size.gather(1, match.sources)
+    slots = match.index.gather(1, match.sources)  # (B, r): the destination's slot
+    merged_size = size.gather(1, kept).scatter_add_(1, slots, source_size)
+    weight = (source_size / merged_size.gather(1, slots)).to(x.dtype).unsqueeze(-1)  # (B, r, 1)
+    source_values = x.gather(1, match.sources.unsqueeze(-1).expand(B, r, C))
+    destination_values = x.gather(1, match.destinations.unsqueeze(-1).expand(B, r, C))
+    correction = (source_values - destination_values) * weight
+    return scatter_into(merged, slots.unsqueeze(-1).expand(B, r, C), correction, add=True), merged_size
 
 
 def merge_weighted(

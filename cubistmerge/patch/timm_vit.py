@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..merge.cubist import cubist_merge
-from ..merge.tome import bipartite_soft_matching, max_tome_r, merge_weighted
+from ..merge.tome import match_bipartite, max_tome_r, merge_matched
 from .options import CubistOptions, ToMeOptions
 from .state import MergeState, as_additive_bias, with_prefix
 
@@ -185,11 +185,10 @@ def tome_block_forward(
             # ToMe's metric is the keys averaged over heads; cosine similarity ignores the 1/heads
             # factor, and summing over the transposed view is ~3x faster than mean(dim=1) on CPU.
             metric = keys[-1].transpose(1, 2).sum(dim=2)  # (B, N, head_dim)
-            index = bipartite_soft_matching(metric, r, num_protected=state.num_prefix)
-            num_out = x.shape[1] - r
-            size = state.size if state.size is not None else x.new_ones(x.shape[:2], dtype=torch.float32)
-            x, size = merge_weighted(x, index, num_out, size.to(x.dtype))
-            state = state.merged(index, num_out, grid=None, size=size.float())
+            match = match_bipartite(metric, r, num_protected=state.num_prefix)
+            size = None if state.size is None else state.size.to(x.dtype)
+            x, size = merge_matched(x, match, size)
+            state = state.merged(match.index, x.shape[1], grid=None, size=size.float())
 
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, state

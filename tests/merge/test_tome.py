@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from cubistmerge.merge import (
     bipartite_soft_matching,
     compose_groups,
+    match_bipartite,
     max_tome_r,
+    merge_matched,
     merge_weighted,
     tome_schedule,
     unmerge_groups,
@@ -314,3 +316,35 @@ def test_schedule_error_messages():
 def test_schedule_tuple_single_layer_is_the_average():
     assert tome_schedule((8, 1.0), 1) == [8]
     assert tome_schedule((8, -0.5), 1) == [8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    tokens=st.integers(2, 24),
+    protected=st.integers(0, 3),
+    channels=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_merge_matched_equals_merge_weighted(batch, tokens, protected, channels, seed, data):
+    """The fast path (survivors + corrections) is the size-weighted group mean, values and gradients."""
+    protected = min(protected, tokens)
+    r = data.draw(st.integers(0, max_tome_r(tokens, protected)))
+    generator = torch.Generator().manual_seed(seed)
+    # Few distinct metric directions, so several sources often share one destination.
+    metric = torch.randint(-1, 2, (batch, tokens, 2), generator=generator).double()
+    x = torch.randn(batch, tokens, channels, generator=generator, dtype=torch.float64)
+    size = torch.randint(1, 5, (batch, tokens), generator=generator).double()
+    match = match_bipartite(metric, r, num_protected=protected)
+    assert torch.equal(match.index, bipartite_soft_matching(metric, r, num_protected=protected))
+    x_fast, x_slow = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fast, fast_size = merge_matched(x_fast, match, size)
+    slow, slow_size = merge_weighted(x_slow, match.index, tokens - r, size)
+    assert torch.allclose(fast, slow, atol=1e-12) and torch.equal(fast_size, slow_size)
+    weights = torch.randn(fast.shape, generator=generator, dtype=torch.float64)
+    (fast * weights).sum().backward()
+    (slow * weights).sum().backward()
+    assert torch.allclose(x_fast.grad, x_slow.grad, atol=1e-12)
+    with torch.no_grad():  # the in-place path
+        assert torch.allclose(merge_matched(x, match, size)[0], slow, atol=1e-12)
