@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import timm_vit
+from ._swap import patched_family
 from .options import CubistOptions, ToMeOptions
 
 METHODS = ("cubist", "tome")
@@ -22,8 +23,9 @@ class UnsupportedModelError(TypeError):
 
 
 def _family_of(model: nn.Module):
-    if hasattr(model, timm_vit.ORIGINAL_CLASS_ATTR):
-        return timm_vit
+    patched_as = patched_family(model)
+    if patched_as is not None:
+        return next(family for family in _FAMILIES if family.FAMILY == patched_as)
     reasons = []
     for family in _FAMILIES:
         reason = family.why_unsupported(model)
@@ -35,10 +37,6 @@ def _family_of(model: nn.Module):
         f"cubistmerge cannot patch {type(model).__module__}.{type(model).__name__}. "
         f"Supported families: {supported}. Why not this one: {' | '.join(reasons)}"
     )
-
-
-def _num_blocks(model: nn.Module) -> int:
-    return len(model.blocks)
 
 
 def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module:
@@ -68,7 +66,7 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
     family = _family_of(model)
     builder = CubistOptions if method == "cubist" else ToMeOptions
     try:
-        parsed = builder.build(num_blocks=_num_blocks(model), **options)
+        parsed = builder.build(num_blocks=family.num_blocks(model), **options)
     except TypeError as error:
         raise TypeError(f"{error}. Options of method={method!r}: {_option_names(builder)}") from None
     return family.patch(model, parsed)
@@ -82,9 +80,9 @@ def _option_names(builder: type) -> str:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original class; its parameters were never touched."""
-    if not hasattr(model, timm_vit.ORIGINAL_CLASS_ATTR):
+    if patched_family(model) is None:
         raise ValueError("this model is not patched by cubistmerge")
-    return timm_vit.unpatch(model)
+    return _family_of(model).unpatch(model)
 
 
 __all__ = ["METHODS", "UnsupportedModelError", "patch", "unpatch"]

@@ -28,13 +28,11 @@ from torch.utils.checkpoint import checkpoint
 
 from ..merge.cubist import cubist_merge
 from ..merge.tome import match_bipartite, max_tome_r, merge_matched
+from ._swap import SOURCE_ATTR, options_of, restore_class, swap_class
 from .options import CubistOptions, ToMeOptions
 from .state import MergeState, as_additive_bias, with_prefix
 
 FAMILY = "timm VisionTransformer (blocks: timm.models.vision_transformer.Block)"
-OPTIONS_ATTR = "_cubistmerge_options"
-ORIGINAL_CLASS_ATTR = "_cubistmerge_original_class"
-SOURCE_ATTR = "cubistmerge_source"
 
 # The upstream signatures this override reproduces. If timm adds a parameter,
 # patching refuses instead of silently ignoring it.
@@ -67,6 +65,10 @@ def why_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def num_blocks(model: VisionTransformer) -> int:
+    return len(model.blocks)
+
+
 def patch(model: VisionTransformer, options: CubistOptions | ToMeOptions) -> VisionTransformer:
     if isinstance(options, ToMeOptions):
         plain = [type(blk.attn).__name__ for blk in model.blocks if not isinstance(blk.attn, Attention)]
@@ -74,29 +76,11 @@ def patch(model: VisionTransformer, options: CubistOptions | ToMeOptions) -> Vis
             raise ValueError(f"ToMe needs timm Attention modules to read the keys from; this model has {plain[0]}")
     if isinstance(options, CubistOptions):
         options.check_grid(tuple(model.patch_embed.grid_size))
-    original = getattr(model, ORIGINAL_CLASS_ATTR, type(model))
-    model.__class__ = _merging_class(original)
-    setattr(model, ORIGINAL_CLASS_ATTR, original)
-    setattr(model, OPTIONS_ATTR, options)
-    return model
+    return swap_class(model, _MergingViT, options, FAMILY)
 
 
 def unpatch(model: VisionTransformer) -> VisionTransformer:
-    model.__class__ = getattr(model, ORIGINAL_CLASS_ATTR)
-    for attr in (ORIGINAL_CLASS_ATTR, OPTIONS_ATTR, SOURCE_ATTR):
-        if attr in model.__dict__:
-            delattr(model, attr)
-    return model
-
-
-_CLASS_CACHE: dict[type, type] = {}
-
-
-def _merging_class(original: type) -> type:
-    # One subclass per original class, so isinstance checks and repr keep working.
-    if original not in _CLASS_CACHE:
-        _CLASS_CACHE[original] = type(f"Merging{original.__name__}", (_MergingViT, original), {})
-    return _CLASS_CACHE[original]
+    return restore_class(model)
 
 
 # --------------------------------------------------------------------------- forward
@@ -222,7 +206,7 @@ class _MergingViT:
         and the outputs of the blocks in ``take_indices`` in the original
         token layout (optionally normed).
         """
-        options = getattr(self, OPTIONS_ATTR)
+        options = options_of(self)
         cubist = isinstance(options, CubistOptions)
         x = _embed(self, images)
         state = _start_state(self, images, x, attn_mask, needs_grid=cubist)
@@ -260,7 +244,7 @@ class _MergingViT:
     ) -> torch.Tensor:
         x, state, _ = self._merging_tokens(x, attn_mask, is_causal)
         x = self.norm(x)
-        return state.recover(x) if getattr(self, OPTIONS_ATTR).recover_output else x
+        return state.recover(x) if options_of(self).recover_output else x
 
     def forward_intermediates(
         self,
@@ -291,7 +275,7 @@ class _MergingViT:
 
         def final() -> torch.Tensor:
             out = self.norm(tokens)
-            return state.recover(out) if getattr(self, OPTIONS_ATTR).recover_output else out
+            return state.recover(out) if options_of(self).recover_output else out
 
         if output_dict:
             result = {"image_intermediates": intermediates}
