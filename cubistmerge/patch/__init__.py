@@ -1,11 +1,15 @@
 """``patch`` / ``unpatch``: token merging on models users already have.
 
-Each backbone family has its own small module with ``why_unsupported``,
-``patch`` and ``unpatch``; this file picks the family and checks options.
+Each backbone family has its own small module with ``FAMILY`` (its name),
+``why_unsupported(model)``, ``num_blocks(model)``, ``patch(model, options,
+**family_options)`` and ``unpatch(model)``, and optionally ``FAMILY_OPTIONS``
+(per method, the option names only that family takes); this file picks the
+family and parses the options every family shares.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.nn as nn
@@ -65,17 +69,19 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     family = _family_of(model)
     builder = CubistOptions if method == "cubist" else ToMeOptions
+    # Options only one family understands (e.g. how SAM windows are reduced) go to the family.
+    family_names = getattr(family, "FAMILY_OPTIONS", {}).get(method, ())
+    family_options = {name: options.pop(name) for name in list(options) if name in family_names}
     try:
         parsed = builder.build(num_blocks=family.num_blocks(model), **options)
     except TypeError as error:
-        raise TypeError(f"{error}. Options of method={method!r}: {_option_names(builder)}") from None
-    return family.patch(model, parsed)
+        allowed = ", ".join([*_option_names(builder), *family_names])
+        raise TypeError(f"{error}. Options of method={method!r} for this model: {allowed}") from None
+    return family.patch(model, parsed, **family_options)
 
 
-def _option_names(builder: type) -> str:
-    import inspect
-
-    return ", ".join(name for name in inspect.signature(builder.build).parameters if name not in ("cls", "num_blocks"))
+def _option_names(builder: type) -> list[str]:
+    return [name for name in inspect.signature(builder.build).parameters if name not in ("cls", "num_blocks")]
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -433,7 +433,7 @@ def test_bad_options(method, options, message):
 
 
 def test_unknown_option_names_the_allowed_ones():
-    with pytest.raises(TypeError, match="Options of method='tome': r, prop_attn"):
+    with pytest.raises(TypeError, match="Options of method=.tome. for this model: r, prop_attn"):
         cubistmerge.patch(make_model("vit_tiny_patch16_224"), "tome", loc=1)
 
 
