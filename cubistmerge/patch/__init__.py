@@ -14,12 +14,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import timm_vit
+from . import segment_anything, timm_sam, timm_vit
 from ._swap import patched_family
 from .options import CubistOptions, ToMeOptions
 
 METHODS = ("cubist", "tome")
-_FAMILIES = (timm_vit,)
+_FAMILIES = (timm_vit, timm_sam, segment_anything)
 
 
 class UnsupportedModelError(TypeError):
@@ -27,9 +27,9 @@ class UnsupportedModelError(TypeError):
 
 
 def _family_of(model: nn.Module):
-    patched_as = patched_family(model)
-    if patched_as is not None:
-        return next(family for family in _FAMILIES if family.FAMILY == patched_as)
+    patched = _patched_as(model)
+    if patched is not None:
+        return patched
     reasons = []
     for family in _FAMILIES:
         reason = family.why_unsupported(model)
@@ -86,9 +86,20 @@ def _option_names(builder: type) -> list[str]:
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the model's original class; its parameters were never touched."""
-    if patched_family(model) is None:
+    family = _patched_as(model)
+    if family is None:
         raise ValueError("this model is not patched by cubistmerge")
-    return _family_of(model).unpatch(model)
+    return family.unpatch(model)
+
+
+def _patched_as(model: nn.Module):
+    """The family module a model was patched by, or None."""
+    name = patched_family(model)
+    for family in _FAMILIES:
+        # A family may patch a submodule (a whole Sam is patched through its image encoder).
+        if family.FAMILY == name or getattr(family, "is_patched", lambda _m: False)(model):
+            return family
+    return None
 
 
 __all__ = ["METHODS", "UnsupportedModelError", "patch", "unpatch"]

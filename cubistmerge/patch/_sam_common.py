@@ -1,0 +1,143 @@
+"""What timm's samvit and the official segment-anything encoder share.
+
+Both keep tokens as an NHWC grid, run window attention (zero-padded windows,
+decomposed relative positions interpolated to the runtime window/grid size) in
+most blocks and global attention in a few, and need the full grid for the conv
+neck. CubistMerge reduces the grid before block ``loc`` in one of two ways
+(``windows`` option):
+
+- ``"window"``: inside every attention window (e.g. 14x14 -> 12x12); windowed
+  blocks then use the reduced window size, so every window keeps exactly its
+  tokens, and the relative-position tables are interpolated to the new size by
+  the attention itself. ``r`` counts tokens per window row / column.
+- ``"grid"``: the whole grid (e.g. 64x64 -> 56x56); blocks keep their window
+  size and windows are formed anew on the smaller grid. ``r`` counts tokens per
+  grid row / column.
+
+Global-attention blocks see the reduced grid either way. Before the neck the
+grid is recovered to its full size, so the neck and everything after it (SAM's
+prompt encoder and mask decoder) run unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..merge.cubist import Recover, cubist_merge
+from ..merge.windows import cubist_merge_windows
+from .options import CubistOptions
+
+WINDOW_MODES = ("window", "grid")
+DEFAULT_WINDOW_MODE = "window"
+
+
+@dataclass(frozen=True)
+class SamMergeOptions:
+    """CubistMerge settings plus how windows are treated."""
+
+    cubist: CubistOptions
+    windows: str = DEFAULT_WINDOW_MODE
+
+    @property
+    def recover_output(self) -> bool:
+        return self.cubist.recover_output
+
+
+@dataclass(frozen=True)
+class SamBlockRunner:
+    """How one implementation runs a block with a given window size."""
+
+    window_size_of: Callable[[nn.Module], int]
+    forward_with_window: Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
+
+
+def window_size_of_model(blocks: nn.Module, runner: SamBlockRunner) -> int:
+    sizes = {runner.window_size_of(block) for block in blocks} - {0}
+    if len(sizes) > 1:
+        raise ValueError(f"windowed blocks with different window sizes {sorted(sizes)} are not supported")
+    return sizes.pop() if sizes else 0
+
+
+def check_sam_options(options: SamMergeOptions, grid: tuple[int, int], window: int) -> None:
+    """Raise early if a reduction cannot run on the model's default grid / windows."""
+    if options.windows not in WINDOW_MODES:
+        raise ValueError(f"windows must be one of {WINDOW_MODES}, got {options.windows!r}")
+    if options.windows == "grid" or window == 0:
+        options.cubist.check_grid(grid)
+        return
+    options.cubist.check_grid((window, window))
+
+
+@dataclass(frozen=True)
+class _SamState:
+    grid: tuple[int, int]
+    window: int  # window size windowed blocks use now
+    recover: Recover | None = None
+
+
+def _reduce(x: torch.Tensor, state: _SamState, r_h: int, r_w: int, options: SamMergeOptions) -> tuple:
+    cubist = options.cubist
+    with torch.profiler.record_function("cubistmerge::cubist_merge"):
+        if options.windows == "window" and state.window > 0:
+            merged, recover, (wh, ww) = cubist_merge_windows(
+                x, state.window, r_h, r_w, representation=cubist.representation, metric=cubist.metric
+            )
+            if wh != ww:
+                raise ValueError(f"SAM windows are square: use r_h == r_w inside windows (got {r_h}, {r_w})")
+            window = wh
+        else:
+            merged, recover = cubist_merge(x, r_h, r_w, representation=cubist.representation, metric=cubist.metric)
+            window = state.window
+        chained = recover if state.recover is None else state.recover.then(recover)
+    return merged, _SamState(recover.merged_grid, window, chained)
+
+
+def run_blocks(
+    blocks: nn.Module,
+    x: torch.Tensor,
+    options: SamMergeOptions,
+    runner: SamBlockRunner,
+    *,
+    take_indices: set[int] | None = None,
+    last_block: int | None = None,
+    checkpointing: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor], Recover | None]:
+    """Run the blocks on an NHWC grid with the scheduled reductions.
+
+    Returns the final grid (merged, not recovered), the outputs of the blocks in
+    ``take_indices`` recovered to the full grid, and the recover of the final grid.
+    """
+    state = _SamState(tuple(x.shape[1:3]), window_size_of_model(blocks, runner))
+    original_window = state.window
+    intermediates = []
+    for i, block in enumerate(blocks):
+        if last_block is not None and i > last_block:
+            break
+        stage = options.cubist.stage_at(i)
+        if stage is not None:
+            reference = (state.window, state.window) if options.windows == "window" and state.window else state.grid
+            r_h, r_w = stage.resolve(reference)
+            if r_h or r_w:
+                x, state = _reduce(x, state, r_h, r_w, options)
+        block_window = runner.window_size_of(block)
+        if block_window == 0 or state.window == original_window:
+            step = block  # the block's own forward, untouched
+            args: tuple = (x,)
+        else:
+            step = runner.forward_with_window
+            args = (block, x, state.window)
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+        else:
+            x = step(*args)
+        if take_indices is not None and i in take_indices:
+            intermediates.append(recover_grid(x, state.recover))
+    return x, intermediates, state.recover
+
+
+def recover_grid(x: torch.Tensor, recover: Recover | None) -> torch.Tensor:
+    return x if recover is None else recover(x)

@@ -1,0 +1,103 @@
+"""Patching the official ``segment_anything`` package (``ImageEncoderViT``, or a whole ``Sam``).
+
+What most SAM users run. Patching a ``Sam`` patches its ``image_encoder``, so
+``SamPredictor`` and the automatic mask generator work unchanged: the encoder
+recovers the full 64x64 grid before its neck, and the prompt encoder and mask
+decoder never see a merged token. See :mod:`cubistmerge.patch._sam_common` for
+the two window designs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ._sam_common import SamBlockRunner, SamMergeOptions, check_sam_options, recover_grid, run_blocks
+from ._swap import options_of, patched_family, restore_class, swap_class
+from .options import CubistOptions, ToMeOptions
+
+FAMILY = "segment_anything ImageEncoderViT (or a Sam model)"
+FAMILY_OPTIONS = {"cubist": ("windows",)}
+
+
+def _classes():
+    try:
+        from segment_anything.modeling import ImageEncoderViT, Sam
+        from segment_anything.modeling.image_encoder import Block
+    except ImportError:
+        return None
+    return ImageEncoderViT, Sam, Block
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    classes = _classes()
+    return model.image_encoder if classes is not None and isinstance(model, classes[1]) else model
+
+
+def why_unsupported(model: nn.Module) -> str | None:
+    classes = _classes()
+    if classes is None:
+        return "the segment_anything package is not installed"
+    encoder_cls, sam_cls, block_cls = classes
+    encoder = model.image_encoder if isinstance(model, sam_cls) else model
+    if not isinstance(encoder, encoder_cls):
+        return f"{type(model).__name__} is neither a segment_anything ImageEncoderViT nor a Sam"
+    others = sorted({type(blk).__name__ for blk in encoder.blocks if type(blk) is not block_cls})
+    if others:
+        return f"its blocks are {others}, not segment_anything's image_encoder.Block"
+    return None
+
+
+def is_patched(model: nn.Module) -> bool:
+    return patched_family(_encoder(model)) == FAMILY
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(_encoder(model).blocks)
+
+
+def block_forward_with_window(block: nn.Module, x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """segment_anything block on a (B, H, W, C) grid, with ``window_size`` instead of the block's own."""
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    H, W = x.shape[1], x.shape[2]
+    shortcut = x
+    x, pad_hw = window_partition(block.norm1(x), window_size)
+    x = shortcut + window_unpartition(block.attn(x), window_size, pad_hw, (H, W))
+    return x + block.mlp(block.norm2(x))
+
+
+RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
+
+
+def patch(model: nn.Module, options: CubistOptions | ToMeOptions, windows: str = "window") -> nn.Module:
+    if isinstance(options, ToMeOptions):
+        raise NotImplementedError(
+            "ToMe on SAM encoders is not available yet: its unordered tokens cannot feed window attention, "
+            "relative positions or the conv neck. Use method='cubist'."
+        )
+    encoder = _encoder(model)
+    sam_options = SamMergeOptions(options, windows)
+    stride_h, stride_w = encoder.patch_embed.proj.stride
+    grid = (encoder.img_size // stride_h, encoder.img_size // stride_w)
+    window = max((blk.window_size for blk in encoder.blocks), default=0)
+    check_sam_options(sam_options, grid, window)
+    swap_class(encoder, _MergingImageEncoderViT, sam_options, FAMILY)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    restore_class(_encoder(model))
+    return model
+
+
+class _MergingImageEncoderViT:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        options: SamMergeOptions = options_of(self)
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x, _, recover = run_blocks(self.blocks, x, options, RUNNER)
+        if options.recover_output:
+            x = recover_grid(x, recover)
+        return self.neck(x.permute(0, 3, 1, 2))
