@@ -12,12 +12,14 @@ size has exactly the same windows as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 
 import torch
 
 from .cubist import Metric, Recover, cubist_merge
-from .groups import Representation
+from .groups import Representation, unmerge_groups
+from .tome import match_bipartite, merge_matched
 
 
 def _bands(length: int, window: int) -> list[tuple[int, int, int, int]]:
@@ -114,3 +116,45 @@ def cubist_merge_windows(
         band_rows.append(torch.cat(band_cols, dim=2) if len(band_cols) > 1 else band_cols[0])
     merged = torch.cat(band_rows, dim=1) if len(band_rows) > 1 else band_rows[0]
     return merged, Recover(index.reshape(B, H * W), (H, W), (Hm, Wm)), (wh - r_h, ww - r_w)
+
+
+def merge_apply_unmerge_in_windows(
+    x: torch.Tensor,
+    window: int,
+    r: int,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """ToMe's merge -> compute -> unmerge, inside every window of a grid.
+
+    In each window the tokens are matched by bipartite soft matching on
+    themselves and ``r`` of them are merged away (means); an edge window with
+    only ``n`` real tokens (never padding) merges ``floor(r * n / window**2)``.
+    ``fn`` runs on the remaining tokens and every original token receives its
+    group's output. This is how the ToMe baseline runs on window-attention encoders,
+    whose attention, relative positions and necks need the full grid: only the
+    token-wise part (the MLP) sees merged tokens.
+
+    Args:
+        x: (B, H, W, C) grid.
+        window: tile size for matching (the attention window size).
+        r: tokens merged away in every full window, 0 <= r <= window**2 // 2.
+        fn: token-wise function (B', N', C) -> (B', N', C_out).
+
+    Returns:
+        (B, H, W, C_out).
+    """
+    full = window * window
+    if not 0 <= r <= full // 2:
+        raise ValueError(f"r = {r} tokens per {window}x{window} window is not possible: allowed 0 to {full // 2}")
+    B, H, W, C = x.shape
+    rows = []
+    for h0, h1, height, n_rows in _bands(H, window):
+        cols = []
+        for w0, w1, width, n_cols in _bands(W, window):
+            tokens = _to_windows(x[:, h0:h1, w0:w1], n_rows, n_cols, height, width).flatten(1, 2)
+            match = match_bipartite(tokens, min(r * height * width // full, height * width // 2))
+            merged, _ = merge_matched(tokens, match)
+            out = unmerge_groups(fn(merged), match.index)
+            cols.append(_from_windows(out.reshape(-1, height, width, out.shape[-1]), B, n_rows, n_cols))
+        rows.append(torch.cat(cols, dim=2) if len(cols) > 1 else cols[0])
+    return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]

@@ -17,19 +17,31 @@ neck. CubistMerge reduces the grid before block ``loc`` in one of two ways
 Global-attention blocks see the reduced grid either way. Before the neck the
 grid is recovered to its full size, so the neck and everything after it (SAM's
 prompt encoder and mask decoder) run unchanged.
+
+ToMe (the baseline) cannot feed window attention, relative positions or the
+neck with its unordered tokens, so here it merges only around the token-wise
+part: in every block, inside every window-sized tile, ``r`` tokens are merged
+by bipartite soft matching on the normed tokens, the MLP runs on the rest, and
+its output is unmerged before the residual ("unmerge before every spatial
+operation"). Attention always sees the full grid, so ToMe's speed-up here is
+bounded by the MLP's share of the FLOPs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from ..merge.cubist import Recover, cubist_merge
-from ..merge.windows import cubist_merge_windows
-from .options import CubistOptions
+from ..merge.windows import cubist_merge_windows, merge_apply_unmerge_in_windows
+from .options import CubistOptions, ToMeOptions
+
+# (normed grid (B, H, W, C), the block's MLP) -> MLP output grid (B, H, W, C)
+TokenFunction = Callable[[torch.Tensor, nn.Module], torch.Tensor]
 
 WINDOW_MODES = ("window", "grid")
 DEFAULT_WINDOW_MODE = "window"
@@ -37,22 +49,26 @@ DEFAULT_WINDOW_MODE = "window"
 
 @dataclass(frozen=True)
 class SamMergeOptions:
-    """CubistMerge settings plus how windows are treated."""
+    """The method's settings plus how windows are treated (CubistMerge only)."""
 
-    cubist: CubistOptions
+    method: CubistOptions | ToMeOptions
     windows: str = DEFAULT_WINDOW_MODE
 
     @property
+    def cubist(self) -> CubistOptions:
+        return self.method
+
+    @property
     def recover_output(self) -> bool:
-        return self.cubist.recover_output
+        return self.method.recover_output
 
 
 @dataclass(frozen=True)
 class SamBlockRunner:
-    """How one implementation runs a block with a given window size."""
+    """How one implementation runs a block with a given window size (and optionally its MLP replaced)."""
 
     window_size_of: Callable[[nn.Module], int]
-    forward_with_window: Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
+    forward_with_window: Callable[..., torch.Tensor]  # (block, x, window_size, mlp=None) -> x
 
 
 def window_size_of_model(blocks: nn.Module, runner: SamBlockRunner) -> int:
@@ -66,6 +82,17 @@ def check_sam_options(options: SamMergeOptions, grid: tuple[int, int], window: i
     """Raise early if a reduction cannot run on the model's default grid / windows."""
     if options.windows not in WINDOW_MODES:
         raise ValueError(f"windows must be one of {WINDOW_MODES}, got {options.windows!r}")
+    if isinstance(options.method, ToMeOptions):
+        tile = window or max(grid)
+        limit = tile * tile // 2
+        if max(options.method.r_schedule) > limit:
+            raise ValueError(
+                f"ToMe on this SAM encoder merges r tokens inside every {tile}x{tile} window: r must be at most "
+                f"{limit}, got {max(options.method.r_schedule)}"
+            )
+        if options.method.trace_source:
+            raise ValueError("trace_source is not available for ToMe on SAM encoders (tokens are unmerged per block)")
+        return
     if options.windows == "grid" or window == 0:
         options.cubist.check_grid(grid)
         return
@@ -117,6 +144,11 @@ def run_blocks(
     for i, block in enumerate(blocks):
         if last_block is not None and i > last_block:
             break
+        if isinstance(options.method, ToMeOptions):
+            x = _tome_block(block, x, options.method.r_schedule[i], original_window, runner, checkpointing)
+            if take_indices is not None and i in take_indices:
+                intermediates.append(x)
+            continue
         stage = options.cubist.stage_at(i)
         if stage is not None:
             reference = (state.window, state.window) if options.windows == "window" and state.window else state.grid
@@ -137,6 +169,24 @@ def run_blocks(
         if take_indices is not None and i in take_indices:
             intermediates.append(recover_grid(x, state.recover))
     return x, intermediates, state.recover
+
+
+def _tome_block(
+    block: nn.Module, x: torch.Tensor, r: int, window: int, runner: SamBlockRunner, checkpointing: bool
+) -> torch.Tensor:
+    if r == 0:
+        step, args = block, (x,)
+    else:
+        tile = window or max(x.shape[1:3])
+
+        def merged_mlp(normed: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+            with torch.profiler.record_function("cubistmerge::tome_merge"):
+                return merge_apply_unmerge_in_windows(normed, tile, r, mlp)
+
+        step, args = partial(runner.forward_with_window, mlp=merged_mlp), (block, x, runner.window_size_of(block))
+    if checkpointing:
+        return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+    return step(*args)
 
 
 def recover_grid(x: torch.Tensor, recover: Recover | None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ._sam_common import SamBlockRunner, SamMergeOptions, check_sam_options, recover_grid, run_blocks
+from ._sam_common import SamBlockRunner, SamMergeOptions, TokenFunction, check_sam_options, recover_grid, run_blocks
 from ._swap import options_of, patched_family, restore_class, swap_class
 from .options import CubistOptions, ToMeOptions
 
@@ -56,26 +56,33 @@ def num_blocks(model: nn.Module) -> int:
     return len(_encoder(model).blocks)
 
 
-def block_forward_with_window(block: nn.Module, x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """segment_anything block on a (B, H, W, C) grid, with ``window_size`` instead of the block's own."""
+def block_forward_with_window(
+    block: nn.Module, x: torch.Tensor, window_size: int, mlp: TokenFunction | None = None
+) -> torch.Tensor:
+    """segment_anything block on a (B, H, W, C) grid with ``window_size`` instead of the block's own.
+
+    ``mlp`` replaces how the normed grid goes through the block's MLP (ToMe
+    merges tokens around it); by default the MLP runs on every token.
+    """
     from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 
     H, W = x.shape[1], x.shape[2]
     shortcut = x
-    x, pad_hw = window_partition(block.norm1(x), window_size)
-    x = shortcut + window_unpartition(block.attn(x), window_size, pad_hw, (H, W))
-    return x + block.mlp(block.norm2(x))
+    y = block.norm1(x)
+    if window_size > 0:
+        y, pad_hw = window_partition(y, window_size)
+    y = block.attn(y)
+    if window_size > 0:
+        y = window_unpartition(y, window_size, pad_hw, (H, W))
+    x = shortcut + y
+    normed = block.norm2(x)
+    return x + (block.mlp(normed) if mlp is None else mlp(normed, block.mlp))
 
 
 RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
 
 
 def patch(model: nn.Module, options: CubistOptions | ToMeOptions, windows: str = "window") -> nn.Module:
-    if isinstance(options, ToMeOptions):
-        raise NotImplementedError(
-            "ToMe on SAM encoders is not available yet: its unordered tokens cannot feed window attention, "
-            "relative positions or the conv neck. Use method='cubist'."
-        )
     encoder = _encoder(model)
     sam_options = SamMergeOptions(options, windows)
     stride_h, stride_w = encoder.patch_embed.proj.stride

@@ -18,7 +18,7 @@ from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer_sam import Block, VisionTransformerSAM, window_partition, window_unpartition
 
-from ._sam_common import SamBlockRunner, SamMergeOptions, check_sam_options, recover_grid, run_blocks
+from ._sam_common import SamBlockRunner, SamMergeOptions, TokenFunction, check_sam_options, recover_grid, run_blocks
 from ._swap import options_of, restore_class, swap_class
 from .options import CubistOptions, ToMeOptions
 
@@ -48,28 +48,32 @@ def num_blocks(model: VisionTransformerSAM) -> int:
     return len(model.blocks)
 
 
-def block_forward_with_window(block: Block, x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """timm SAM block on a (B, H, W, C) grid, with ``window_size`` instead of the block's own."""
+def block_forward_with_window(
+    block: Block, x: torch.Tensor, window_size: int, mlp: TokenFunction | None = None
+) -> torch.Tensor:
+    """timm SAM block on a (B, H, W, C) grid with ``window_size`` instead of the block's own.
+
+    ``mlp`` replaces how the normed grid goes through the block's MLP (ToMe
+    merges tokens around it); by default the MLP runs on every token.
+    """
     B, H, W, _ = x.shape
     shortcut = x
     x = block.norm1(x)
-    x, pad_hw = window_partition(x, window_size)
+    if window_size > 0:
+        x, pad_hw = window_partition(x, window_size)
     x = block.drop_path1(block.ls1(block.attn(x)))
-    x = shortcut + window_unpartition(x, window_size, (H, W), pad_hw)
-    x = x.reshape(B, H * W, -1)
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x.reshape(B, H, W, -1)
+    if window_size > 0:
+        x = window_unpartition(x, window_size, (H, W), pad_hw)
+    x = shortcut + x
+    normed = block.norm2(x)
+    y = block.mlp(normed.reshape(B, H * W, -1)).reshape(B, H, W, -1) if mlp is None else mlp(normed, block.mlp)
+    return x + block.drop_path2(block.ls2(y))
 
 
 RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
 
 
 def patch(model: VisionTransformerSAM, options: CubistOptions | ToMeOptions, windows: str = "window"):
-    if isinstance(options, ToMeOptions):
-        raise NotImplementedError(
-            "ToMe on SAM encoders is not available yet: its unordered tokens cannot feed window attention, "
-            "relative positions or the conv neck. Use method='cubist'."
-        )
     sam_options = SamMergeOptions(options, windows)
     window = max((blk.window_size for blk in model.blocks), default=0)
     check_sam_options(sam_options, tuple(model.patch_embed.grid_size), window)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cubistmerge.merge import cubist_merge
-from cubistmerge.merge.windows import cubist_merge_windows, window_reduction
+from cubistmerge.merge.windows import cubist_merge_windows, merge_apply_unmerge_in_windows, window_reduction
 
 
 def _members(recover_index: torch.Tensor, W: int) -> dict[int, list[tuple[int, int]]]:
@@ -99,3 +99,23 @@ def test_errors(window, r_h, r_w, message):
 def test_not_a_grid():
     with pytest.raises(ValueError, match="4-D grid"):
         cubist_merge_windows(torch.randn(8, 8, 2), 4, 1, 1)
+
+
+def test_merge_apply_unmerge_in_windows():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 10, 3)
+    double = lambda t: 2 * t  # noqa: E731
+    assert torch.allclose(merge_apply_unmerge_in_windows(x, 4, 0, double), 2 * x)
+    out = merge_apply_unmerge_in_windows(x, 4, 8, lambda t: t)  # identity: each token gets its group's mean
+    assert out.shape == x.shape
+    changed = (out - x).abs().amax(-1) > 1e-6
+    # Full 4x4 windows lose 8 of 16 tokens: at least 8 per window differ from their input.
+    assert changed[:, :4, :4].sum(dim=(1, 2)).min() >= 8
+    # Each group of s tokens gives back s copies of its mean: a window's sum is kept exactly when
+    # groups never leave their window (and would change if a group mixed two windows).
+    for h0 in range(0, 9, 4):
+        for w0 in range(0, 10, 4):
+            window_in, window_out = x[:, h0 : h0 + 4, w0 : w0 + 4], out[:, h0 : h0 + 4, w0 : w0 + 4]
+            assert torch.allclose(window_in.sum(dim=(1, 2)), window_out.sum(dim=(1, 2)), atol=1e-5)
+    with pytest.raises(ValueError, match="allowed 0 to 8"):
+        merge_apply_unmerge_in_windows(x, 4, 9, double)

@@ -177,9 +177,40 @@ def test_bad_options(kind, options, error, message, images):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_tome_is_refused_with_a_reason(kind):
-    with pytest.raises(NotImplementedError, match="window attention"):
-        cubistmerge.patch(make_encoder(kind), "tome", r=4)
+def test_tome_merges_around_the_mlp_only(kind, images):
+    model = make_encoder(kind)
+    with torch.no_grad():
+        expected = encode(model, images)
+        cubistmerge.patch(model, "tome", r=0)
+        assert (encode(model, images) - expected).abs().max() <= 1e-5
+    cubistmerge.patch(model, "tome", r=[0, 10, 10, 24])
+    mlp_tokens = [0] * 4
+
+    def counter(i):
+        def hook(_module, args):
+            mlp_tokens[i] += args[0].shape[:-1].numel()
+        return hook
+
+    hooks = [blk.mlp.register_forward_pre_hook(counter(i)) for i, blk in enumerate(model.blocks)]
+    attention = _attention_inputs(model, images)
+    for h in hooks:
+        h.remove()
+    assert attention == [(18, 7, 7), (2, 16, 16), (18, 7, 7), (2, 16, 16)]  # attention never sees merged tokens
+    # Per image: 4 full 7x7 windows, 4 of 7x2 / 2x7 and 1 of 2x2 real tokens; r scales with the window's size.
+    merged_10 = 4 * 10 + 4 * (10 * 14 // 49) + 10 * 4 // 49
+    merged_24 = 4 * 24 + 4 * (24 * 14 // 49) + 24 * 4 // 49
+    assert mlp_tokens == [2 * 256, 2 * (256 - merged_10), 2 * (256 - merged_10), 2 * (256 - merged_24)]
+    with torch.no_grad():
+        out = encode(model, images)
+    assert out.shape == expected.shape and (out - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tome_limits(kind):
+    with pytest.raises(ValueError, match="at most 24"):
+        cubistmerge.patch(make_encoder(kind), "tome", r=25)
+    with pytest.raises(ValueError, match="trace_source"):
+        cubistmerge.patch(make_encoder(kind), "tome", r=2, trace_source=True)
 
 
 def test_windows_option_is_not_accepted_by_plain_vits():
