@@ -1,0 +1,213 @@
+"""Patching timm's TinyViT (``tiny_vit.TinyVit``), the MobileSAM encoder family.
+
+TinyViT runs its attention stages on (B, H, W, C) grids: window attention with
+a learned bias per relative offset, a depthwise 3x3 conv between attention and
+MLP, and a PatchMerging downsample at the start of most stages. ``loc`` counts
+attention blocks over all stages in forward order (MobileSAM: 0-1 on the
+128x128 grid with 7x7 windows, 2-7 on the 64x64 grid with 14x14 windows, 8-9
+on 64x64 with 7x7 windows). The reduced grid flows on through later blocks and
+stages as long as no stage downsamples it (a stride-1 PatchMerging keeps it);
+it is recovered to the full grid before a downsampling stage and at the end,
+so the head or SAM's neck gets the full grid.
+
+``windows`` as for SAM: ``"window"`` reduces inside every attention window
+(blocks then use the smaller window and their per-offset bias table is
+resampled to the stretched offsets of the smaller window), ``"grid"`` reduces
+the whole grid and windows are formed anew with the blocks' own size and bias.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.tiny_vit import PatchMerging, TinyVit, TinyVitBlock, TinyVitStage
+
+from ..merge.cubist import Recover, cubist_merge
+from ..merge.windows import cubist_merge_windows
+from ._sam_common import WINDOW_MODES
+from ._swap import options_of, restore_class, swap_class
+from .options import CubistOptions, ToMeOptions
+
+FAMILY = "timm TinyVit (TinyViT, MobileSAM's encoder)"
+FAMILY_OPTIONS = {"cubist": ("windows",)}
+_FEATURES_PARAMS = ("self", "x")
+
+
+def _attention_blocks(model: TinyVit) -> list[tuple[int, TinyVitBlock]]:
+    return [
+        (stage_index, block)
+        for stage_index, stage in enumerate(model.stages)
+        if isinstance(stage, TinyVitStage)
+        for block in stage.blocks
+    ]
+
+
+def why_unsupported(model: nn.Module) -> str | None:
+    if not isinstance(model, TinyVit):
+        return f"{type(model).__name__} is not a timm TinyVit"
+    others = sorted({type(b).__name__ for _, b in _attention_blocks(model) if type(b) is not TinyVitBlock})
+    if others:
+        return f"its attention blocks are {others}, not timm.models.tiny_vit.TinyVitBlock"
+    unknown = set(inspect.signature(TinyVit.forward_features).parameters) - set(_FEATURES_PARAMS)
+    if unknown:
+        return f"this timm version's TinyVit.forward_features has parameters {sorted(unknown)} not known here"
+    return None
+
+
+def num_blocks(model: TinyVit) -> int:
+    return len(_attention_blocks(model))
+
+
+@dataclass(frozen=True)
+class TinyVitMergeOptions:
+    cubist: CubistOptions
+    windows: str
+
+
+def patch(model: TinyVit, options: CubistOptions | ToMeOptions, windows: str = "window") -> TinyVit:
+    if isinstance(options, ToMeOptions):
+        raise NotImplementedError(
+            "ToMe on TinyViT is not available: its unordered tokens cannot feed the window attention biases and "
+            "the depthwise convs. Use method='cubist'."
+        )
+    if windows not in WINDOW_MODES:
+        raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
+    blocks = _attention_blocks(model)
+    for stage in options.stages:
+        window = blocks[stage.loc][1].window_size
+        if windows == "window":
+            options.check_grid((window, window))
+    return swap_class(model, _MergingTinyVit, TinyVitMergeOptions(options, windows), FAMILY)
+
+
+def unpatch(model: TinyVit) -> TinyVit:
+    return restore_class(model)
+
+
+def _keeps_grid(stage: nn.Module) -> bool:
+    """True if the stage's downsample leaves the token grid's size as it is."""
+    downsample = getattr(stage, "downsample", None)
+    if downsample is None or isinstance(downsample, nn.Identity):
+        return True
+    return isinstance(downsample, PatchMerging) and tuple(downsample.conv2.conv.stride) == (1, 1)
+
+
+def offset_bias_table(attn: nn.Module) -> torch.Tensor:
+    """(heads, w, w) bias for every (|dy|, |dx|) offset inside the attention's w x w window."""
+    h, w = attn.resolution
+    if h != w:
+        raise ValueError(f"only square TinyViT windows are supported, got {attn.resolution}")
+    offsets = attn.attention_bias_idxs[0].view(h, w)  # from point (0, 0) to (dy, dx)
+    return attn.attention_biases[:, offsets]
+
+
+def stretched_window_bias(attn: nn.Module, window: int) -> torch.Tensor:
+    """The attention bias (heads, window**2, window**2) for a window reduced from the attention's own size.
+
+    A reduced window covers the same area as the original one, so the offset
+    between reduced positions i and j stands for |i - j| * (w - 1) / (window - 1)
+    original positions; the per-offset table is sampled there bilinearly.
+    """
+    table = offset_bias_table(attn)  # (heads, w, w)
+    w = table.shape[-1]
+    coords = torch.arange(window, device=table.device, dtype=table.dtype) * ((w - 1) / max(window - 1, 1))
+    distance = (coords[:, None] - coords[None, :]).abs()  # (window, window) in original units
+    lower = distance.floor().long().clamp_max(w - 1)
+    upper = (lower + 1).clamp_max(w - 1)
+    frac = distance - lower.to(distance.dtype)
+    # interpolate along dy (rows of pairs) and dx (columns of pairs)
+    dy_lo, dy_hi, fy = lower[:, :, None, None], upper[:, :, None, None], frac[:, :, None, None]
+    dx_lo, dx_hi, fx = lower[None, None], upper[None, None], frac[None, None]
+
+    def at(dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        return table[:, dy, dx]  # (heads, window, window, window, window)
+
+    bias = (
+        at(dy_lo, dx_lo) * (1 - fy) * (1 - fx)
+        + at(dy_hi, dx_lo) * fy * (1 - fx)
+        + at(dy_lo, dx_hi) * (1 - fy) * fx
+        + at(dy_hi, dx_hi) * fy * fx
+    )  # indexed (heads, yi, yj, xi, xj)
+    heads = table.shape[0]
+    return bias.permute(0, 1, 3, 2, 4).reshape(heads, window * window, window * window)
+
+
+def _window_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """TinyViT attention on (B', N, C) windows with a given (heads, N, N) bias."""
+    B, N, _ = x.shape
+    qkv = attn.qkv(attn.norm(x))
+    q, k, v = qkv.view(B, N, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.val_dim], dim=3)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.to(q.dtype)
+    )
+    return attn.proj(out.transpose(1, 2).reshape(B, N, attn.out_dim))
+
+
+def block_forward_with_window(block: TinyVitBlock, x: torch.Tensor, window: int) -> torch.Tensor:
+    """A TinyViT block on a (B, H, W, C) grid with a smaller window and the stretched offset biases."""
+    B, H, W, C = x.shape
+    pad_b, pad_r = (window - H % window) % window, (window - W % window) % window
+    windows = F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else x
+    pH, pW = H + pad_b, W + pad_r
+    nH, nW = pH // window, pW // window
+    windows = windows.view(B, nH, window, nW, window, C).transpose(2, 3).reshape(B * nH * nW, window * window, C)
+    out = _window_attention(block.attn, windows, stretched_window_bias(block.attn, window))
+    out = out.view(B, nH, nW, window, window, C).transpose(2, 3).reshape(B, pH, pW, C)[:, :H, :W]
+    x = x + block.drop_path1(out)
+    y = block.local_conv(x.permute(0, 3, 1, 2)).reshape(B, C, H * W).transpose(1, 2)
+    y = y + block.drop_path2(block.mlp(y))
+    return y.view(B, H, W, C)
+
+
+class _MergingTinyVit:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        options: TinyVitMergeOptions = options_of(self)
+        cubist = options.cubist
+        x = self.patch_embed(x)
+        index = 0  # attention-block counter over all stages
+        recover: Recover | None = None
+        window = 0  # the reduced window size in force, 0 if windows are the blocks' own
+        for stage in self.stages:
+            if not isinstance(stage, TinyVitStage):
+                x = stage(x)
+                continue
+            if recover is not None and not _keeps_grid(stage):
+                x = recover(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                recover, window = None, 0
+            x = stage.downsample(x).permute(0, 2, 3, 1)  # BCHW -> BHWC
+            for block in stage.blocks:
+                reduction = cubist.stage_at(index)
+                if reduction is not None:
+                    x, step, window = _reduce(x, reduction, block.window_size if window == 0 else window, options)
+                    recover = step if recover is None else recover.then(step)
+                if window and window != block.window_size:
+                    x = block_forward_with_window(block, x, window)
+                else:
+                    x = block(x)
+                index += 1
+            x = x.permute(0, 3, 1, 2)
+            if window:
+                window = 0  # a later stage has its own window size
+        if recover is not None and cubist.recover_output:
+            x = recover(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x
+
+
+def _reduce(x: torch.Tensor, reduction, window: int, options: TinyVitMergeOptions):
+    cubist = options.cubist
+    with torch.profiler.record_function("cubistmerge::cubist_merge"):
+        if options.windows == "window":
+            r_h, r_w = reduction.resolve((window, window))
+            merged, recover, (wh, ww) = cubist_merge_windows(
+                x, window, r_h, r_w, representation=cubist.representation, metric=cubist.metric
+            )
+            if wh != ww:
+                raise ValueError(f"TinyViT windows are square: use r_h == r_w inside windows (got {r_h}, {r_w})")
+            return merged, recover, wh
+        r_h, r_w = reduction.resolve(tuple(x.shape[1:3]))
+        merged, recover = cubist_merge(x, r_h, r_w, representation=cubist.representation, metric=cubist.metric)
+        return merged, recover, 0
