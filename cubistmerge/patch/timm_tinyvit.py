@@ -114,8 +114,9 @@ def stretched_window_bias(attn: nn.Module, window: int) -> torch.Tensor:
     """
     table = offset_bias_table(attn)  # (heads, w, w)
     w = table.shape[-1]
-    coords = torch.arange(window, device=table.device, dtype=table.dtype) * ((w - 1) / max(window - 1, 1))
-    distance = (coords[:, None] - coords[None, :]).abs()  # (window, window) in original units
+    steps = torch.arange(window, device=table.device)
+    # integer numerator first, so offsets that land on whole original offsets are exact
+    distance = ((steps[:, None] - steps[None, :]).abs() * (w - 1)).to(table.dtype) / max(window - 1, 1)
     lower = distance.floor().long().clamp_max(w - 1)
     upper = (lower + 1).clamp_max(w - 1)
     frac = distance - lower.to(distance.dtype)
