@@ -498,7 +498,10 @@ def _flops_and_tokens(model: nn.Module, images: torch.Tensor) -> tuple[int, list
         for block in blocks:
             norm1 = getattr(block, "norm1", None)
             if isinstance(norm1, nn.Module):
-                handles.append(norm1.register_forward_pre_hook(lambda _m, args: tokens.append(args[0].shape[-2])))
+                # tokens per image: (B, N, C) sequences and (B, H, W, C) grids (SAM) alike
+                handles.append(norm1.register_forward_pre_hook(
+                    lambda _m, args: tokens.append(args[0].shape[:-1].numel() // args[0].shape[0])
+                ))
     try:
         flops = count_flops(model, images)
     finally:
