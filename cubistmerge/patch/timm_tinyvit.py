@@ -10,6 +10,10 @@ stages as long as no stage downsamples it (a stride-1 PatchMerging keeps it);
 it is recovered to the full grid before a downsampling stage and at the end,
 so the head or SAM's neck gets the full grid.
 
+ToMe (baseline) merges, as on SAM, only around the MLP: inside every window
+``r`` tokens (per full window) are merged by bipartite soft matching, the MLP
+runs on the rest and its output is unmerged before the residual.
+
 ``windows`` as for SAM: ``"window"`` reduces inside every attention window
 (blocks then use the smaller window and their per-offset bias table is
 resampled to the stretched offsets of the smaller window), ``"grid"`` reduces
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 from timm.models.tiny_vit import PatchMerging, TinyVit, TinyVitBlock, TinyVitStage
 
 from ..merge.cubist import Recover, cubist_merge
-from ..merge.windows import cubist_merge_windows
-from ._sam_common import WINDOW_MODES
+from ..merge.windows import cubist_merge_windows, merge_apply_unmerge_in_windows
+from ._sam_common import WINDOW_MODES, TokenFunction
 from ._swap import options_of, restore_class, swap_class
 from .options import CubistOptions, ToMeOptions
 
@@ -64,16 +68,22 @@ def num_blocks(model: TinyVit) -> int:
 
 @dataclass(frozen=True)
 class TinyVitMergeOptions:
-    cubist: CubistOptions
+    cubist: CubistOptions | ToMeOptions  # the method's settings
     windows: str
 
 
 def patch(model: TinyVit, options: CubistOptions | ToMeOptions, windows: str = "window") -> TinyVit:
     if isinstance(options, ToMeOptions):
-        raise NotImplementedError(
-            "ToMe on TinyViT is not available: its unordered tokens cannot feed the window attention biases and "
-            "the depthwise convs. Use method='cubist'."
-        )
+        blocks = _attention_blocks(model)
+        for (_, block), r in zip(blocks, options.r_schedule, strict=True):
+            if r > block.window_size**2 // 2:
+                raise ValueError(
+                    f"ToMe on TinyViT merges r tokens inside every {block.window_size}x{block.window_size} window: "
+                    f"r must be at most {block.window_size**2 // 2} there, got {r}"
+                )
+        if options.trace_source:
+            raise ValueError("trace_source is not available for ToMe on TinyViT (tokens are unmerged per block)")
+        return swap_class(model, _MergingTinyVit, TinyVitMergeOptions(options, "window"), FAMILY)
     if windows not in WINDOW_MODES:
         raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
     blocks = _attention_blocks(model)
@@ -148,25 +158,40 @@ def _window_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> t
     return attn.proj(out.transpose(1, 2).reshape(B, N, attn.out_dim))
 
 
-def block_forward_with_window(block: TinyVitBlock, x: torch.Tensor, window: int) -> torch.Tensor:
-    """A TinyViT block on a (B, H, W, C) grid with a smaller window and the stretched offset biases."""
+def block_forward_with_window(
+    block: TinyVitBlock, x: torch.Tensor, window: int, mlp: TokenFunction | None = None
+) -> torch.Tensor:
+    """A TinyViT block on a (B, H, W, C) grid with the given window size.
+
+    With the block's own window size its attention runs as is; with a smaller
+    one, with the stretched offset biases. ``mlp`` replaces how the tokens go
+    through the block's MLP (ToMe merges around it; it gets and returns a grid).
+    """
     B, H, W, C = x.shape
     pad_b, pad_r = (window - H % window) % window, (window - W % window) % window
     windows = F.pad(x, (0, 0, 0, pad_r, 0, pad_b)) if pad_b or pad_r else x
     pH, pW = H + pad_b, W + pad_r
     nH, nW = pH // window, pW // window
     windows = windows.view(B, nH, window, nW, window, C).transpose(2, 3).reshape(B * nH * nW, window * window, C)
-    out = _window_attention(block.attn, windows, stretched_window_bias(block.attn, window))
+    if window == block.window_size:
+        out = block.attn(windows)
+    else:
+        out = _window_attention(block.attn, windows, stretched_window_bias(block.attn, window))
     out = out.view(B, nH, nW, window, window, C).transpose(2, 3).reshape(B, pH, pW, C)[:, :H, :W]
     x = x + block.drop_path1(out)
-    y = block.local_conv(x.permute(0, 3, 1, 2)).reshape(B, C, H * W).transpose(1, 2)
-    y = y + block.drop_path2(block.mlp(y))
-    return y.view(B, H, W, C)
+    y = block.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
+    if mlp is None:
+        update = block.mlp(y.reshape(B, H * W, C)).view(B, H, W, C)
+    else:
+        update = mlp(y, block.mlp)
+    return (y + block.drop_path2(update)).contiguous()
 
 
 class _MergingTinyVit:
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         options: TinyVitMergeOptions = options_of(self)
+        if isinstance(options.cubist, ToMeOptions):
+            return self._tome_features(x, options.cubist)
         cubist = options.cubist
         x = self.patch_embed(x)
         index = 0  # attention-block counter over all stages
@@ -195,6 +220,31 @@ class _MergingTinyVit:
                 window = 0  # a later stage has its own window size
         if recover is not None and cubist.recover_output:
             x = recover(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x
+
+
+    def _tome_features(self, x: torch.Tensor, options: ToMeOptions) -> torch.Tensor:
+        x = self.patch_embed(x)
+        index = 0
+        for stage in self.stages:
+            if not isinstance(stage, TinyVitStage):
+                x = stage(x)
+                continue
+            x = stage.downsample(x).permute(0, 2, 3, 1)
+            for block in stage.blocks:
+                r = options.r_schedule[index]
+                if r == 0:
+                    x = block(x)
+                else:
+                    tile = block.window_size
+
+                    def merged_mlp(tokens: torch.Tensor, mlp: nn.Module, r: int = r, tile: int = tile):
+                        with torch.profiler.record_function("cubistmerge::tome_merge"):
+                            return merge_apply_unmerge_in_windows(tokens, tile, r, mlp)
+
+                    x = block_forward_with_window(block, x, block.window_size, mlp=merged_mlp)
+                index += 1
+            x = x.permute(0, 3, 1, 2)
         return x
 
 

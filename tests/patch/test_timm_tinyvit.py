@@ -93,9 +93,29 @@ def test_unpatch_state_dict_gradients_and_errors(images):
     assert model.stages[2].blocks[2].attn.attention_biases.grad.abs().sum() > 0
     cubistmerge.unpatch(model)
     assert type(model).__name__ == "TinyVit"
-    with pytest.raises(NotImplementedError, match="ToMe on TinyViT"):
-        cubistmerge.patch(make_model(), "tome", r=2)
+    with pytest.raises(ValueError, match="at most 24 there"):
+        cubistmerge.patch(make_model(), "tome", r=25)
     with pytest.raises(ValueError, match="at most 3"):
         cubistmerge.patch(make_model(), "cubist", r=4, loc=0)  # windows of 7
     with pytest.raises(ValueError, match="loc must be a block index"):
         cubistmerge.patch(make_model(), "cubist", r=1, loc=6)
+
+
+def test_tome_merges_around_the_mlp_only(images):
+    model = make_model()
+    with torch.no_grad():
+        expected = model(images)
+        cubistmerge.patch(model, "tome", r=0)
+        assert (model(images) - expected).abs().max() <= 1e-5
+    cubistmerge.patch(model, "tome", r=[0, 10, 40, 40, 40, 10])
+    mlp_tokens = []
+    hooks = [b.mlp.register_forward_pre_hook(lambda _m, args: mlp_tokens.append(args[0].shape[:-1].numel()))
+             for _, b in _attention_blocks(model)]
+    shapes, out = _attention_shapes(model, images)
+    for h in hooks:
+        h.remove()
+    assert [s[1] for s in shapes] == [(32, 49), (32, 49), (2, 196), (2, 196), (2, 196), (2, 49)]
+    # stage 1: 16 windows of 49 per image, 10 merged in each; stage 2: one window of 196, 40 merged
+    assert mlp_tokens[0] == 2 * 28 * 28
+    assert sum(mlp_tokens[1:-1]) == 2 * (28 * 28 - 16 * 10) + 3 * 2 * (196 - 40)
+    assert out.shape == expected.shape and (out - expected).abs().max() > 1e-4
