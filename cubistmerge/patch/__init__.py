@@ -14,12 +14,12 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import segment_anything, timm_sam, timm_vit
+from . import segment_anything, timm_eva, timm_sam, timm_tinyvit, timm_vit
 from ._swap import patched_family
 from .options import CubistOptions, ToMeOptions
 
 METHODS = ("cubist", "tome")
-_FAMILIES = (timm_vit, timm_sam, segment_anything)
+_FAMILIES = (timm_vit, timm_sam, segment_anything, timm_eva, timm_tinyvit)
 
 
 class UnsupportedModelError(TypeError):

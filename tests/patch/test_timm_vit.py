@@ -402,9 +402,9 @@ def test_tome_on_dynamic_sizes():
 def test_unsupported_models_get_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="Supported families: timm VisionTransformer"):
         cubistmerge.patch(torch.nn.Linear(3, 3), "cubist")
-    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1))
     with pytest.raises(UnsupportedModelError, match="not a timm VisionTransformer"):
-        cubistmerge.patch(eva, "cubist")
+        cubistmerge.patch(swin, "cubist")
     with pytest.raises(ValueError, match="not patched"):
         cubistmerge.unpatch(make_model("vit_tiny_patch16_224"))
 
