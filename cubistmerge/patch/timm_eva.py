@@ -49,10 +49,8 @@ positions this reproduces the model's own embedding (tested).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,9 +62,10 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..merge.tome import match_bipartite, max_tome_r, merge_matched
-from ._swap import SOURCE_ATTR, options_of, restore_class, swap_class
+from ._swap import options_of, restore_class, swap_class
+from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
 from .options import CubistOptions, ToMeOptions
-from .state import MergeState, as_additive_bias
+from .state import MergeState
 from .timm_vit import cubist_reduce
 
 FAMILY = "timm Eva (EVA-02, DINOv3, PE: timm.models.eva.Eva)"
@@ -307,40 +306,6 @@ def merged_rope(
 # --------------------------------------------------------------------------- forward
 
 
-def _patch_grid(model: Eva, images: torch.Tensor) -> tuple[int, int]:
-    if model.dynamic_img_size:
-        return tuple(model.patch_embed.dynamic_feat_size(images.shape[-2:]))
-    return tuple(model.patch_embed.grid_size)
-
-
-def _start_state(
-    model: Eva, grid: tuple[int, int], x: torch.Tensor, attn_mask: torch.Tensor | None, needs_grid: bool
-) -> MergeState:
-    num_prefix = model.num_prefix_tokens
-    if x.shape[1] != num_prefix + grid[0] * grid[1]:
-        if needs_grid:
-            raise RuntimeError(
-                f"merging on this model needs every patch of the {grid[0]}x{grid[1]} grid (CubistMerge for "
-                f"its grid, ToMe with RoPE for the positions of merged tokens), but the blocks get "
-                f"{x.shape[1]} tokens ({num_prefix} prefix): patch dropout removed tokens. Run in eval mode "
-                f"or build the model with patch_drop_rate=0."
-            )
-        grid = None
-    bias = as_additive_bias(attn_mask, x.dtype, x.shape[1])
-    return MergeState(num_prefix=num_prefix, num_original=x.shape[1], grid=grid, attn_bias=bias)
-
-
-@contextlib.contextmanager
-def _captured_keys(attn: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the keys (B, heads, N, head_dim) the attention computes, after k_norm and before RoPE."""
-    keys: list[torch.Tensor] = []
-    handle = attn.k_norm.register_forward_hook(lambda _module, _inputs, output: keys.append(output))
-    try:
-        yield keys
-    finally:
-        handle.remove()
-
-
 def _block_kwargs(rope: torch.Tensor | None, bias: torch.Tensor | None, is_causal: bool) -> dict[str, Any]:
     # Only pass what is set: older timm blocks take no is_causal argument.
     kwargs: dict[str, Any] = {"rope": rope}
@@ -379,7 +344,7 @@ def tome_block_forward(
     if is_causal and bias is not None:
         raise ValueError("is_causal cannot be combined with ToMe's merged tokens; use method='cubist' or no mask")
     post_norm = isinstance(block, EvaBlockPostNorm)
-    with _captured_keys(block.attn) as keys:
+    with captured_keys(block.attn) as keys:  # after k_norm, before RoPE
         if post_norm:
             x = x + block.drop_path1(block.norm1(block.attn(x, **_block_kwargs(rope, bias, is_causal))))
         else:
@@ -430,12 +395,17 @@ class _MergingEva:
         options = settings.method
         cubist = isinstance(options, CubistOptions)
         per_token = settings.rope == "tokens"
-        grid = _patch_grid(self, images)
+        grid = patch_grid(self, images)
         x, rope = self._pos_embed(self.patch_embed(images))
         x = self.norm_pre(x)
         # ToMe needs every patch's position to place merged tokens, unless the model has no RoPE.
-        needs_grid = cubist or (self.rope is not None and any(options.r_schedule))
-        state = _start_state(self, grid, x, attn_mask, needs_grid=needs_grid)
+        if cubist:
+            needs_grid = "CubistMerge"
+        elif self.rope is not None and any(options.r_schedule):
+            needs_grid = "ToMe on a RoPE model (to place merged tokens)"
+        else:
+            needs_grid = None
+        state = start_state(self, grid, x, attn_mask, needs_grid=needs_grid)
         original_rope = rope
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         intermediates = []
@@ -465,9 +435,7 @@ class _MergingEva:
             if take_indices is not None and i in take_indices:
                 intermediates.append(state.recover(self.norm(x) if norm_intermediates else x))
         if options.trace_source:
-            n = state.num_original
-            source = state.groups if state.groups is not None else torch.arange(n, device=x.device).expand(len(x), n)
-            setattr(self, SOURCE_ATTR, source)
+            store_source(self, state, x)
         return x, state, intermediates
 
     def forward_features(
@@ -492,18 +460,10 @@ class _MergingEva:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
         tokens, state, intermediates = self._merging_tokens(
             x, attn_mask, is_causal, set(take_indices), max_index if stop_early else None, norm
         )
-        p = self.num_prefix_tokens
-        prefix = [y[:, :p] for y in intermediates] if p else None
-        intermediates = [y[:, p:] for y in intermediates]
-        if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens and prefix is not None:
-            intermediates = list(zip(intermediates, prefix, strict=True))
+        intermediates, _ = format_intermediates(self, intermediates, x.shape, output_fmt, return_prefix_tokens)
         if intermediates_only:
             return intermediates
         out = self.norm(tokens)

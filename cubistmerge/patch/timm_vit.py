@@ -14,9 +14,7 @@ module (fused SDPA, q/k norm, gating kept) and reads the keys it computed.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,9 +26,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..merge.cubist import cubist_merge
 from ..merge.tome import match_bipartite, max_tome_r, merge_matched
-from ._swap import SOURCE_ATTR, options_of, restore_class, swap_class
+from ._swap import options_of, restore_class, swap_class
+from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
 from .options import CubistOptions, ToMeOptions
-from .state import MergeState, as_additive_bias, with_prefix
+from .state import MergeState, with_prefix
 
 FAMILY = "timm VisionTransformer (blocks: timm.models.vision_transformer.Block)"
 
@@ -86,34 +85,11 @@ def unpatch(model: VisionTransformer) -> VisionTransformer:
 # --------------------------------------------------------------------------- forward
 
 
-def _patch_grid(model: VisionTransformer, images: torch.Tensor) -> tuple[int, int]:
-    if model.dynamic_img_size:
-        return tuple(model.patch_embed.dynamic_feat_size(images.shape[-2:]))
-    return tuple(model.patch_embed.grid_size)
-
-
 def _embed(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     x = model.patch_embed(images)
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     return model.norm_pre(x)
-
-
-def _start_state(
-    model: VisionTransformer, images: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor | None, needs_grid: bool
-) -> MergeState:
-    grid = _patch_grid(model, images)
-    num_prefix = model.num_prefix_tokens
-    if x.shape[1] != num_prefix + grid[0] * grid[1]:
-        if needs_grid:
-            raise RuntimeError(
-                f"CubistMerge needs the full {grid[0]}x{grid[1]} patch grid but the blocks get {x.shape[1]} tokens "
-                f"({num_prefix} prefix): patch dropout or token masking removed tokens. Run in eval mode or "
-                f"build the model with patch_drop_rate=0."
-            )
-        grid = None
-    bias = as_additive_bias(attn_mask, x.dtype, x.shape[1])
-    return MergeState(num_prefix=num_prefix, num_original=x.shape[1], grid=grid, attn_bias=bias)
 
 
 def cubist_reduce(x: torch.Tensor, state: MergeState, r_h: int, r_w: int, options: CubistOptions):
@@ -133,17 +109,6 @@ def cubist_reduce(x: torch.Tensor, state: MergeState, r_h: int, r_w: int, option
     return x, state
 
 
-@contextlib.contextmanager
-def _captured_keys(attn: Attention) -> Iterator[list[torch.Tensor]]:
-    """Collect the keys (B, heads, N, head_dim) the attention module computes, after its k_norm."""
-    keys: list[torch.Tensor] = []
-    handle = attn.k_norm.register_forward_hook(lambda _module, _inputs, output: keys.append(output))
-    try:
-        yield keys
-    finally:
-        handle.remove()
-
-
 def tome_block_forward(
     block: Block, x: torch.Tensor, state: MergeState, r: int, options: ToMeOptions, is_causal: bool = False
 ) -> tuple[torch.Tensor, MergeState]:
@@ -154,7 +119,7 @@ def tome_block_forward(
         bias = log_size if bias is None else bias + log_size
     if is_causal and bias is not None:
         raise ValueError("is_causal cannot be combined with ToMe's merged tokens; use method='cubist' or no mask")
-    with _captured_keys(block.attn) as keys:
+    with captured_keys(block.attn) as keys:
         attn_kwargs: dict[str, Any] = {}
         if bias is not None:
             attn_kwargs["attn_mask"] = bias
@@ -209,7 +174,7 @@ class _MergingViT:
         options = options_of(self)
         cubist = isinstance(options, CubistOptions)
         x = _embed(self, images)
-        state = _start_state(self, images, x, attn_mask, needs_grid=cubist)
+        state = start_state(self, patch_grid(self, images), x, attn_mask, needs_grid="CubistMerge" if cubist else None)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         intermediates = []
         blocks = self.blocks if last_block is None else self.blocks[: last_block + 1]
@@ -234,9 +199,7 @@ class _MergingViT:
             if take_indices is not None and i in take_indices:
                 intermediates.append(state.recover(self.norm(x) if norm_intermediates else x))
         if options.trace_source:
-            n = state.num_original
-            source = state.groups if state.groups is not None else torch.arange(n, device=x.device).expand(len(x), n)
-            setattr(self, SOURCE_ATTR, source)
+            store_source(self, state, x)
         return x, state, intermediates
 
     def forward_features(
@@ -262,30 +225,24 @@ class _MergingViT:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B, _, height, width = x.shape
         tokens, state, intermediates = self._merging_tokens(
             x, attn_mask, is_causal, set(take_indices), max_index if stop_early else None, norm
         )
-        p = self.num_prefix_tokens
-        prefix = [y[:, :p] for y in intermediates] if p else None
-        intermediates = [y[:, p:] for y in intermediates]
-        if output_fmt == "NCHW":
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        spatial, prefix = format_intermediates(
+            self, intermediates, x.shape, output_fmt, return_prefix_tokens and not output_dict
+        )
 
         def final() -> torch.Tensor:
             out = self.norm(tokens)
             return state.recover(out) if options_of(self).recover_output else out
 
         if output_dict:
-            result = {"image_intermediates": intermediates}
+            result = {"image_intermediates": spatial}
             if prefix is not None and return_prefix_tokens:
                 result["image_intermediates_prefix"] = prefix
             if not intermediates_only:
                 result["image_features"] = final()
             return result
-        if return_prefix_tokens and prefix is not None:
-            intermediates = list(zip(intermediates, prefix, strict=True))
         if intermediates_only:
-            return intermediates
-        return final(), intermediates
+            return spatial
+        return final(), spatial

@@ -14,6 +14,7 @@ from timm.models.eva import Eva
 import cubistmerge
 from cubistmerge.merge.tome import match_bipartite, merge_matched
 from cubistmerge.patch import UnsupportedModelError, timm_eva
+from cubistmerge.patch._tokens import patch_grid
 from cubistmerge.patch.state import MergeState
 
 # Small variants of real timm configs: same classes, prefix tokens and RoPE, a few blocks and
@@ -166,7 +167,7 @@ def test_rope_at_the_original_positions_is_the_models_own(key):
         sizes.append((4 * patch, 7 * patch))  # a non-square grid of another size
     for size in sizes:
         x = torch.randn(1, 3, *size)
-        grid = timm_eva._patch_grid(model, x)
+        grid = patch_grid(model, x)
         coords = timm_eva.patch_coordinates(grid)
         ours = timm_eva.rope_embedding(model.rope, timm_eva.rope_coordinates(model.rope, coords, grid))
         assert ours.shape == own_rope(model, x).shape
