@@ -39,6 +39,8 @@ class Group:
     key: str
     model: str
     variants: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    img_size: int | None = None  # None: --img-size, else the model's own
+    batch_size: int | None = None  # None: --batch-size
 
 
 SUITE: list[Group] = [
@@ -54,6 +56,38 @@ SUITE: list[Group] = [
         [("cubist", {"r": (1, 1), "loc": 1}), ("cubist", {"r": (2, 2), "loc": 1}), ("tome", {"r": 8})],
     ),
 ]
+
+# Spatial backbones (SAM window attention + decomposed relative positions, DINOv3 RoPE), random weights:
+# speed only (quality on real weights is in the MobileSAM COCO table). SAM at 1024 is ~400 GFLOPs an
+# image, so it runs at batch 1 on CPU.
+SPATIAL_SUITE: list[Group] = [
+    Group(
+        "samvit_base_1024",
+        "samvit_base_patch16",
+        [
+            ("cubist", {"r": 2, "loc": 1, "windows": "window"}),
+            ("cubist", {"r": 8, "loc": 1, "windows": "grid"}),
+            ("tome", {"r": 49}),
+        ],
+        img_size=1024,
+        batch_size=1,
+    ),
+    Group(
+        "dinov3_base_224",
+        "vit_base_patch16_dinov3",
+        [("cubist", {"r": 1, "loc": 1}), ("cubist", {"r": 2, "loc": 1}), ("tome", {"r": 8})],
+        img_size=224,
+        batch_size=8,
+    ),
+    Group(
+        "dinov3_base_512",
+        "vit_base_patch16_dinov3",
+        [("cubist", {"r": 2, "loc": 1}), ("cubist", {"r": 0.1, "loc": 1})],
+        img_size=512,
+        batch_size=2,
+    ),
+]
+SUITES = {"vit": SUITE, "spatial": SPATIAL_SUITE}
 
 INTRO = """\
 # Benchmarks
@@ -101,7 +135,7 @@ def _loads(results: list[Any]) -> str:
 
 
 def render_section(
-    results: list[Any], command: str, settings: dict[str, Any], smoke: bool, elapsed_s: float
+    results: list[Any], command: str, settings: dict[str, Any], smoke: bool, elapsed_s: float, suite: str = "vit"
 ) -> tuple[str, str]:
     """(section key, markdown) for the results of one run of this script on one device and dtype."""
     from cubistmerge.bench import Variant
@@ -109,8 +143,11 @@ def render_section(
 
     first = results[0]
     kind = "GPU" if first.device.startswith("cuda") else "CPU"
-    key = _slug(f"{kind}-{first.device_name}-{first.dtype}") + ("-smoke" if smoke else "")
+    suffix = "" if suite == "vit" else f"-{suite}"
+    key = _slug(f"{kind}-{first.device_name}-{first.dtype}") + suffix + ("-smoke" if smoke else "")
     title = f"## {kind}: {first.device_name} — {first.dtype}, batch {first.batch_size}"
+    if suite != "vit":
+        title = f"## {kind}, {suite} backbones: {first.device_name} — {first.dtype}, batch per row"
     if smoke:
         title += " (smoke test: models overridden, not a real benchmark)"
     lines = [
@@ -120,7 +157,8 @@ def render_section(
         f"{first.cpu_count} logical CPUs; CPUs kept busy by other processes while timing: {_loads(results)}",
         f"- Software: torch {first.torch_version}, timm {first.timm_version}, cubistmerge "
         f"{first.cubistmerge_version}, Python {first.python_version}, {first.platform}",
-        f"- Setup: {first.dtype}, batch {first.batch_size}, {first.img_size}×{first.img_size} input, "
+        f"- Setup: {first.dtype}, batch {', '.join(str(r.batch_size) for r in results)}, "
+        f"{', '.join(f'{r.img_size}×{r.img_size}' for r in results)} input, "
         f"{first.runs} timed rounds after {first.warmup} warm-up rounds, {first.weights} weights",
         f"- Generated {first.timestamp} in {elapsed_s / 60:.1f} min by: `{command}`",
         "",
@@ -143,7 +181,7 @@ def render_section(
                 result.model,
                 Variant(row.method, row.options),
                 batch_size=result.batch_size,
-                img_size=settings["img_size"],
+                img_size=result.img_size if suite != "vit" else settings["img_size"],
                 device=result.device if result.device != "cpu" else None,
                 dtype=result.dtype if result.dtype != "float32" else None,
                 runs=result.runs,
@@ -202,9 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
+        "--suite",
+        choices=list(SUITES),
+        default="vit",
+        help="which suite: plain ViTs, or the spatial backbones (SAM at 1024, DINOv3) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--groups",
         nargs="+",
-        choices=[g.key for g in SUITE],
+        choices=[g.key for suite in SUITES.values() for g in suite],
         default=None,
         help="run only these groups of the suite (default: all)",
     )
@@ -233,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = shlex.join(["python", "scripts/make_benchmarks.py", *argv])
-    groups = [g for g in SUITE if args.groups is None or g.key in args.groups]
+    groups = [g for g in SUITES[args.suite] if args.groups is None or g.key in args.groups]
     started = time.perf_counter()
     results = []
     for group in groups:
@@ -243,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             result = benchmark(
                 model,
                 [Variant(method, options) for method, options in group.variants],
-                batch_size=args.batch_size,
-                img_size=args.img_size,
+                batch_size=group.batch_size or args.batch_size,
+                img_size=group.img_size or args.img_size,
                 device=args.device,
                 dtype=args.dtype,
                 runs=args.runs,
@@ -261,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     elapsed = time.perf_counter() - started
     settings = {"img_size": args.img_size, "threads": args.threads, "profile_runs": args.profile_runs}
-    key, body = render_section(results, command, settings, smoke=args.model is not None, elapsed_s=elapsed)
+    key, body = render_section(
+        results, command, settings, smoke=args.model is not None, elapsed_s=elapsed, suite=args.suite
+    )
     write_section(args.output, key, body)
     print(f"[make_benchmarks] wrote section {key!r} of {args.output} ({elapsed / 60:.1f} min)", file=sys.stderr)
     if args.json is not None:
