@@ -151,10 +151,15 @@ def merge_apply_unmerge_in_windows(
     for h0, h1, height, n_rows in _bands(H, window):
         cols = []
         for w0, w1, width, n_cols in _bands(W, window):
-            tokens = _to_windows(x[:, h0:h1, w0:w1], n_rows, n_cols, height, width).flatten(1, 2)
-            match = match_bipartite(tokens, min(r * height * width // full, height * width // 2))
-            merged, _ = merge_matched(tokens, match)
-            out = unmerge_groups(fn(merged), match.index)
+            # Profiler scopes cover the merge and the unmerge, not ``fn``: the bench's merge time is the
+            # overhead ToMe adds, not the (smaller) MLP it runs.
+            with torch.profiler.record_function("cubistmerge::tome_merge"):
+                tokens = _to_windows(x[:, h0:h1, w0:w1], n_rows, n_cols, height, width).flatten(1, 2)
+                match = match_bipartite(tokens, min(r * height * width // full, height * width // 2))
+                merged, _ = merge_matched(tokens, match)
+            computed = fn(merged)
+            with torch.profiler.record_function("cubistmerge::tome_unmerge"):
+                out = unmerge_groups(computed, match.index)
             cols.append(_from_windows(out.reshape(-1, height, width, out.shape[-1]), B, n_rows, n_cols))
         rows.append(torch.cat(cols, dim=2) if len(cols) > 1 else cols[0])
     return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]

@@ -180,8 +180,7 @@ def _tome_block(
         tile = window or max(x.shape[1:3])
 
         def merged_mlp(normed: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
-            with torch.profiler.record_function("cubistmerge::tome_merge"):
-                return merge_apply_unmerge_in_windows(normed, tile, r, mlp)
+            return merge_apply_unmerge_in_windows(normed, tile, r, mlp)
 
         step, args = partial(runner.forward_with_window, mlp=merged_mlp), (block, x, runner.window_size_of(block))
     if checkpointing:

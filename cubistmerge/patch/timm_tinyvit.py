@@ -239,8 +239,7 @@ class _MergingTinyVit:
                     tile = block.window_size
 
                     def merged_mlp(tokens: torch.Tensor, mlp: nn.Module, r: int = r, tile: int = tile):
-                        with torch.profiler.record_function("cubistmerge::tome_merge"):
-                            return merge_apply_unmerge_in_windows(tokens, tile, r, mlp)
+                        return merge_apply_unmerge_in_windows(tokens, tile, r, mlp)
 
                     x = block_forward_with_window(block, x, block.window_size, mlp=merged_mlp)
                 index += 1
