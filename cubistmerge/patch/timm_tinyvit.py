@@ -86,12 +86,25 @@ def patch(model: TinyVit, options: CubistOptions | ToMeOptions, windows: str = "
         return swap_class(model, _MergingTinyVit, TinyVitMergeOptions(options, "window"), FAMILY)
     if windows not in WINDOW_MODES:
         raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
-    blocks = _attention_blocks(model)
-    for stage in options.stages:
-        window = blocks[stage.loc][1].window_size
-        if windows == "window":
-            options.check_grid((window, window))
+    if windows == "window":
+        _check_window_reductions(options, _attention_blocks(model))
     return swap_class(model, _MergingTinyVit, TinyVitMergeOptions(options, windows), FAMILY)
+
+
+def _check_window_reductions(options: CubistOptions, blocks: list[tuple[int, TinyVitBlock]]) -> None:
+    """Every reduction must fit the window it runs in (reduced again by earlier ones in the same stage)."""
+    window, current_stage = 0, None
+    for reduction in options.stages:
+        stage_index, block = blocks[reduction.loc]
+        if stage_index != current_stage:
+            window, current_stage = block.window_size, stage_index
+        r_h, r_w = reduction.resolve((window, window))
+        if r_h > window // 2 or r_w > window // 2:
+            raise ValueError(
+                f"the reduction at block {reduction.loc} asks for r_h={r_h}, r_w={r_w} inside {window}x{window} "
+                f"windows; one reduction removes at most {window // 2} per window row and column"
+            )
+        window -= r_h
 
 
 def unpatch(model: TinyVit) -> TinyVit:

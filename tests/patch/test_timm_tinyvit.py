@@ -119,3 +119,10 @@ def test_tome_merges_around_the_mlp_only(images):
     assert mlp_tokens[0] == 2 * 28 * 28
     assert sum(mlp_tokens[1:-1]) == 2 * (28 * 28 - 16 * 10) + 3 * 2 * (196 - 40)
     assert out.shape == expected.shape and (out - expected).abs().max() > 1e-4
+
+
+def test_window_reductions_are_checked_per_stage():
+    # 7x7 windows in stage 1 (blocks 0-1) and 14x14 in stage 2 (blocks 2-4): each reduction fits its own window
+    cubistmerge.patch(make_model(), "cubist", stages=[(0, 2, 2), (2, 3, 3)], windows="window")
+    with pytest.raises(ValueError, match="inside 5x5 windows"):
+        cubistmerge.patch(make_model(), "cubist", stages=[(0, 2, 2), (1, 3, 3)], windows="window")
