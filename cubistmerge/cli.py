@@ -375,25 +375,34 @@ def _tome_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _reject_unselected_flags(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, selected: Sequence[str], why: str
+) -> None:
+    """A method's options given without that method are an error, not silently ignored."""
+    flags_of = {
+        "cubist": {
+            "--cubist-r": args.cubist_r,
+            "--cubist-loc": args.cubist_loc,
+            "--cubist-stages": args.cubist_stages,
+            "--representation": args.representation,
+            "--metric": args.metric,
+            "--windows": getattr(args, "windows", None),
+            "--rope": getattr(args, "rope", None),
+        },
+        "tome": {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None},
+    }
+    for method, flags in flags_of.items():
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and method not in selected:
+            verb = "applies" if len(given) == 1 else "apply"
+            parser.error(f"{', '.join(given)} {verb} only to --method {method}{why}")
+
+
 def _bench_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Any]:
     from .bench import Variant
 
     methods = list(dict.fromkeys(args.methods or DEFAULT_METHODS))  # de-duplicated, order kept
-    cubist_flags = {
-        "--cubist-r": args.cubist_r,
-        "--cubist-loc": args.cubist_loc,
-        "--cubist-stages": args.cubist_stages,
-        "--representation": args.representation,
-        "--metric": args.metric,
-        "--windows": args.windows,
-        "--rope": args.rope,
-    }
-    tome_flags = {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None}
-    for method, flags in (("cubist", cubist_flags), ("tome", tome_flags)):
-        given = [flag for flag, value in flags.items() if value is not None]
-        if given and method not in methods:
-            verb = "applies" if len(given) == 1 else "apply"
-            parser.error(f"{', '.join(given)} {verb} only to --method {method}, which is not selected")
+    _reject_unselected_flags(args, parser, methods, ", which is not selected")
     variants = []
     for method in methods:
         if method == "cubist":
@@ -666,20 +675,7 @@ def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_sam_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    cubist_flags = {
-        "--cubist-r": args.cubist_r,
-        "--cubist-loc": args.cubist_loc,
-        "--cubist-stages": args.cubist_stages,
-        "--representation": args.representation,
-        "--metric": args.metric,
-        "--windows": args.windows,
-    }
-    tome_flags = {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None}
-    for method, flags in (("cubist", cubist_flags), ("tome", tome_flags)):
-        given = [flag for flag, value in flags.items() if value is not None]
-        if given and args.method != method:
-            verb = "applies" if len(given) == 1 else "apply"
-            parser.error(f"{', '.join(given)} {verb} only to --method {method}, not to --method {args.method}")
+    _reject_unselected_flags(args, parser, [args.method], f", not to --method {args.method}")
     if args.method == "cubist":
         return _cubist_options(args, parser)
     if args.method == "tome":
