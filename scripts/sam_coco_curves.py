@@ -34,6 +34,10 @@ SETTINGS: list[tuple[str, str, dict]] = [
     ("cubist window r=3 @2", "cubist", {"r": 3, "loc": 2, "windows": "window"}),
     ("cubist window r=2 @2 mean", "cubist", {"r": 2, "loc": 2, "windows": "window", "representation": "mean"}),
     ("cubist window r=2 @5", "cubist", {"r": 2, "loc": 5, "windows": "window"}),
+    ("cubist window r=1 @5", "cubist", {"r": 1, "loc": 5, "windows": "window"}),
+    ("cubist window r=3 @7", "cubist", {"r": 3, "loc": 7, "windows": "window"}),
+    ("cubist window r=1 @2 l2", "cubist", {"r": 1, "loc": 2, "windows": "window", "metric": "l2"}),
+    ("cubist grid r=8 @8", "cubist", {"r": 8, "loc": 8, "windows": "grid"}),
     ("cubist grid r=8 @2", "cubist", {"r": 8, "loc": 2, "windows": "grid"}),
     ("cubist grid r=12 @2", "cubist", {"r": 12, "loc": 2, "windows": "grid"}),
     # also inside the 128x128 stage (7x7 windows); the grid is recovered before stage 2's downsampling
