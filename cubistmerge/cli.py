@@ -447,6 +447,12 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         )
     except BenchConfigError as error:
         parser.error(str(error))
+    _report(result, args, log)
+    return 0
+
+
+def _report(result: Any, args: argparse.Namespace, log: Any) -> None:
+    """Print a result, and write it as JSON / markdown where the user asked (bench and eval alike)."""
     print(result.to_text(), end="")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -456,7 +462,6 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(result.to_markdown())
         log(f"wrote {args.markdown}")
-    return 0
 
 
 def variant_to_args(variant: Any) -> list[str]:
@@ -759,15 +764,7 @@ def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: S
         threads=torch.get_num_threads(),
         command=shlex.join(["cubistmerge", *argv]),
     )
-    print(result.to_text(), end="")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(result.to_json() + "\n")
-        log(f"wrote {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(result.to_markdown())
-        log(f"wrote {args.markdown}")
+    _report(result, args, log)
     return 0
 
 

@@ -68,7 +68,7 @@ def num_blocks(model: TinyVit) -> int:
 
 @dataclass(frozen=True)
 class TinyVitMergeOptions:
-    cubist: CubistOptions | ToMeOptions  # the method's settings
+    method: CubistOptions | ToMeOptions
     windows: str
 
 
@@ -203,9 +203,9 @@ def block_forward_with_window(
 class _MergingTinyVit:
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         options: TinyVitMergeOptions = options_of(self)
-        if isinstance(options.cubist, ToMeOptions):
-            return self._tome_features(x, options.cubist)
-        cubist = options.cubist
+        if isinstance(options.method, ToMeOptions):
+            return self._tome_features(x, options.method)
+        cubist = options.method
         x = self.patch_embed(x)
         index = 0  # attention-block counter over all stages
         recover: Recover | None = None
@@ -261,7 +261,7 @@ class _MergingTinyVit:
 
 
 def _reduce(x: torch.Tensor, reduction, window: int, options: TinyVitMergeOptions):
-    cubist = options.cubist
+    cubist = options.method
     with torch.profiler.record_function("cubistmerge::cubist_merge"):
         if options.windows == "window":
             r_h, r_w = reduction.resolve((window, window))
