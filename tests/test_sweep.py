@@ -1,0 +1,136 @@
+"""Sweeps: setting parsing, the run over settings on a tiny timm ViT, the result's renderings and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from cubistmerge.bench import Variant
+from cubistmerge.sweep import SweepConfigError, SweepResult, parse_setting, run_sweep, series_of
+
+
+@pytest.mark.parametrize(
+    ("text", "method", "options"),
+    [
+        ("cubist", "cubist", {}),
+        ("cubist r=2 loc=2", "cubist", {"r": 2, "loc": 2}),
+        ("cubist  r=(1,2)   metric=l2", "cubist", {"r": (1, 2), "metric": "l2"}),
+        ("cubist r=0.1 windows=grid", "cubist", {"r": 0.1, "windows": "grid"}),
+        ("cubist stages=[(2,3,3),(8,1,1)]", "cubist", {"stages": [(2, 3, 3), (8, 1, 1)]}),
+        ("tome r=[0,0,49] prop_attn=False", "tome", {"r": [0, 0, 49], "prop_attn": False}),
+    ],
+)
+def test_parse_setting(text, method, options):
+    variant = parse_setting(text)
+    assert variant.method == method and variant.options == options
+    assert variant.name == " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("cubist r", "not key=value"),
+        ("cubist r=", "not key=value"),
+        ("cubist r=1 r=2", "given twice"),
+        ("magic r=1", "method must be one of"),
+        ("none r=1", "takes no options"),
+    ],
+)
+def test_parse_setting_errors(text, message):
+    with pytest.raises(SweepConfigError, match=message):
+        parse_setting(text)
+
+
+def test_series_separates_curves_by_options_other_than_the_amount():
+    assert series_of("cubist", {"r": 2, "loc": 2}) == series_of("cubist", {"r": 3, "loc": 5}) == "CubistMerge"
+    assert series_of("cubist", {"r": 2, "metric": "l2"}) == "CubistMerge metric=l2"
+    assert series_of("tome", {"r": [1, 2]}) == "ToMe"
+
+
+class _AgreementTask:
+    """Top-1 agreement with the unmerged model on random images (enough to exercise the sweep)."""
+
+    name = "toy-agreement"
+    primary_metric = "agreement"
+    higher_is_better = True
+
+    def __init__(self) -> None:
+        self.images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        self.evaluated: list[str] = []
+
+    def speed_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def speed_input(self) -> torch.Tensor:
+        return self.images[:2]
+
+    def evaluate(self, models):
+        self.evaluated = list(models)
+        with torch.no_grad():
+            reference = models["unmerged"](self.images).argmax(-1)
+            return {
+                label: {"agreement": float((m(self.images).argmax(-1) == reference).float().mean()), "seen": 4.0}
+                for label, m in models.items()
+            }
+
+    def describe(self):
+        return {"model": "vit_tiny (random)", "data": "4 random images"}
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10, pretrained=False).eval()
+
+
+def test_run_sweep_measures_every_setting_against_the_unmerged_copy(tiny_vit, tmp_path):
+    before = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
+    task = _AgreementTask()
+    settings = ["cubist r=1 loc=1", "cubist r=1 loc=1 metric=l2", Variant("tome", {"r": 2}), "none"]
+    result = run_sweep(task, tiny_vit, settings, runs=2, warmup=0, progress=False, command="test")
+
+    # the model given is untouched: not patched, same weights
+    assert type(tiny_vit).__name__ == "VisionTransformer"
+    assert all(torch.equal(before[k], v) for k, v in tiny_vit.state_dict().items())
+
+    labels = [row.label for row in result.rows]
+    assert labels == ["unmerged", "cubist r=1 loc=1", "cubist r=1 loc=1 metric=l2", "tome r=2"]
+    assert task.evaluated == labels
+    reference = result.reference
+    assert reference.method == "none" and reference.flop_ratio == 1.0 and reference.metrics["agreement"] == 1.0
+    assert reference.speedup == 1.0
+    for row in result.rows[1:]:
+        assert row.flop_ratio > 1.0  # a 4x4 grid losing a row and a column, ToMe 2 tokens per block
+        assert len(row.ms_per_call.samples) == 2 and len(row.paired_speedup.samples) == 2
+        assert row.speedup == pytest.approx(reference.ms_per_call.median / row.ms_per_call.median)
+        assert result.delta(row) == pytest.approx(row.metrics["agreement"] - 1.0)
+    assert [row.series for row in result.rows] == ["unmerged", "CubistMerge", "CubistMerge metric=l2", "ToMe"]
+    assert result.setup["command"] == "test" and result.setup["model"] == "vit_tiny (random)"
+    assert result.setup["speed_input"] == [2, 3, 64, 64]
+
+    # renderings
+    data = json.loads(result.to_json())
+    assert SweepResult.from_dict(data).to_dict() == data
+    markdown = result.to_markdown()
+    assert "| cubist r=1 loc=1 metric=l2 |" in markdown and "Command: `test`" in markdown
+    assert "agreement" in result.to_text() and "Δ agreement" in result.to_text()
+    png = tmp_path / "curves.png"
+    result.plot(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_sweep_errors_name_the_setting(tiny_vit):
+    task = _AgreementTask()
+    with pytest.raises(SweepConfigError, match="cannot apply 'cubist r=3 loc=1'"):
+        run_sweep(task, tiny_vit, ["cubist r=3 loc=1"], runs=1, progress=False)  # 4x4 grid: at most 2
+    with pytest.raises(SweepConfigError, match="distinct labels"):
+        run_sweep(task, tiny_vit, ["tome r=1", "tome r=1"], runs=1, progress=False)
+    with pytest.raises(SweepConfigError, match="reserved"):
+        run_sweep(task, tiny_vit, [Variant("tome", {"r": 1}, label="unmerged")], runs=1, progress=False)
+    with pytest.raises(SweepConfigError, match="runs >= 1"):
+        run_sweep(task, tiny_vit, ["tome r=1"], runs=0, progress=False)
