@@ -43,6 +43,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import (
+    DistEnv,
+    broadcast_from_main,
+    gather_objects,
+    gather_records,
+    init_distributed,
+    resolve_device,
+    shard,
+)
+
 __all__ = [
     "COCO_TINY_IMAGE_IDS",
     "MIN_AREA",
@@ -263,8 +273,14 @@ def evaluate_sam_coco(
     min_area: float = MIN_AREA,
     pad_point: bool = False,
     label: str = "none",
+    distributed: bool | None = None,
 ) -> SamCocoResult:
     """Box-prompt mask IoU of ``model`` on a COCO set (see the module docstring for the protocol).
+
+    Under ``torchrun`` (``distributed`` None or True) every process encodes its share of the images
+    (image ``i`` goes to rank ``i % world_size``), the per-instance results are gathered on rank 0 in
+    single-process order and every rank returns the same result; ``distributed=False`` evaluates
+    everything in this process.
 
     Args:
         model: a :class:`~cubistmerge.models.MiniSam` (moved to ``device`` and put in eval mode when
@@ -286,22 +302,24 @@ def evaluate_sam_coco(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
+    env = init_distributed(device) if distributed is not False else DistEnv()
+    device = resolve_device(device, env)
     start = time.perf_counter()
     coco = load_coco(annotations)
     ids = select_image_ids(coco, image_ids, max_images)
     work = [(i, eligible_annotations(coco, i, min_area)) for i in ids]
     work = [(i, anns) for i, anns in work if anns]
+    mine = shard(work, env)
     if isinstance(model, nn.Module):
         model.to(device).eval()
 
     instances: list[InstanceResult] = []
     per_image_ms: list[float] = []
     encoder_seconds = 0.0
-    bar = tqdm(total=len(work), desc="SAM COCO eval", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(mine), desc="SAM COCO eval", unit="img", disable=not (progress and env.is_main), leave=False)
     try:
-        for offset in range(0, len(work), batch_size):
-            batch = work[offset : offset + batch_size]
+        for offset in range(0, len(mine), batch_size):
+            batch = mine[offset : offset + batch_size]
             prepared = [
                 preprocess_image(load_image(resolve_image_path(coco_dir, coco.imgs[i]["file_name"]))) for i, _ in batch
             ]
@@ -337,6 +355,14 @@ def evaluate_sam_coco(
     finally:
         bar.close()
 
+    if env.distributed:
+        gathered = gather_records(instances, key=lambda r: (r.image_id, r.annotation_id), env=env)
+        timings = gather_objects((encoder_seconds, per_image_ms), env)
+        if gathered is None or timings is None:  # not rank 0: take rank 0's result
+            return broadcast_from_main(None, env)
+        instances = gathered
+        encoder_seconds = sum(seconds for seconds, _ in timings)
+        per_image_ms = [ms for _, part in timings for ms in part]
     ious = [r.iou for r in instances]
     settings = {
         "annotations": str(annotations) if isinstance(annotations, (str, Path)) else "COCO object",
@@ -347,9 +373,10 @@ def evaluate_sam_coco(
         "image_ids": None if image_ids is None else [int(i) for i in ids],
         "batch_size": batch_size,
         "device": str(device),
+        "world_size": env.world_size,
         "torch": torch.__version__,
     }
-    return SamCocoResult(
+    result = SamCocoResult(
         miou=statistics.fmean(ious) if ious else math.nan,
         median_iou=statistics.median(ious) if ious else math.nan,
         frac_iou_above_half=sum(iou > 0.5 for iou in ious) / len(ious) if ious else math.nan,
@@ -363,6 +390,7 @@ def evaluate_sam_coco(
         settings=settings,
         instances=instances,
     )
+    return broadcast_from_main(result, env) if env.distributed else result
 
 
 # --------------------------------------------------------------------------- encoder speed
