@@ -3,8 +3,9 @@
 Each backbone family has its own small module with ``FAMILY`` (its name),
 ``why_unsupported(model)``, ``num_blocks(model)``, ``patch(model, options,
 **family_options)`` and ``unpatch(model)``, and optionally ``FAMILY_OPTIONS``
-(per method, the option names only that family takes); this file picks the
-family and parses the options every family shares.
+(per method, the option names only that family takes) and
+``SUPPORTED_METHODS`` (the methods it runs; ``("cubist", "tome")`` when
+absent); this file picks the family and parses the options every family shares.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch.nn as nn
 
 from . import segment_anything, timm_eva, timm_sam, timm_tinyvit, timm_vit
 from ._swap import patched_family
-from .options import CubistOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions, ToMeOptions
 
-METHODS = ("cubist", "tome")
+METHODS = ("cubist", "tome", "expedite")
+_BUILDERS = {"cubist": CubistOptions, "tome": ToMeOptions, "expedite": ExpediteOptions}
 _FAMILIES = (timm_vit, timm_sam, segment_anything, timm_eva, timm_tinyvit)
+_DEFAULT_FAMILY_METHODS = ("cubist", "tome")
 
 
 class UnsupportedModelError(TypeError):
@@ -50,7 +53,8 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
 
     Args:
         model: a supported model (see :class:`UnsupportedModelError` for the list).
-        method: ``"cubist"`` (CubistMerge) or ``"tome"`` (ToMe baseline).
+        method: ``"cubist"`` (CubistMerge), ``"tome"`` (ToMe baseline) or
+            ``"expedite"`` (Expedite baseline; plain timm ViTs and SAM encoders only).
         **options: for ``"cubist"``: ``r`` (int tokens per row and column, a
             ``(r_h, r_w)`` pair, or a float fraction of the grid side; default 1),
             ``loc`` (block whose input is reduced; default 1), or
@@ -59,16 +63,31 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
             ``metric`` ("cosine", "l2").
             For ``"tome"``: ``r`` (int per block, ``(r, inflection)``, or a
             list of per-block ints; default 8), ``prop_attn`` (default True).
-            For both: ``recover_output`` (default True: ``forward_features``
+            For ``"expedite"``: ``r`` (as for ``"cubist"``: the grid, or on SAM
+            encoders every window, is clustered to (H - r_h, W - r_w) tokens;
+            any amount leaving one token per side; default 1), ``loc``
+            (default 1), ``neighbourhood`` (5), ``iterations`` (5),
+            ``temperature`` (0.01, multiplies the squared distances), ``k``
+            (20), ``normalise`` ("sum" or "l2" reconstruction weights); see
+            :mod:`cubistmerge.merge.expedite`.
+            For all: ``recover_output`` (default True: ``forward_features``
             returns every original token position, filled from its merged
-            token, so heads and dense users see the unmerged layout) and
+            token (Expedite: reconstructed as a weighted sum of clustered
+            tokens, before the final norm or the neck), so heads and dense
+            users see the unmerged layout). For ``"cubist"`` and ``"tome"``:
             ``trace_source`` (store the last forward's (B, N) token-to-merged
             index map as ``model.cubistmerge_source``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     family = _family_of(model)
-    builder = CubistOptions if method == "cubist" else ToMeOptions
+    if method not in _methods_of(family):
+        able = "; ".join(f.FAMILY for f in _FAMILIES if method in _methods_of(f))
+        raise UnsupportedModelError(
+            f"method={method!r} is not available for {family.FAMILY}, which supports {_methods_of(family)}. "
+            f"Families that support {method!r}: {able}"
+        )
+    builder = _BUILDERS[method]
     # Options only one family understands (e.g. how SAM windows are reduced) go to the family.
     family_names = getattr(family, "FAMILY_OPTIONS", {}).get(method, ())
     family_options = {name: options.pop(name) for name in list(options) if name in family_names}
@@ -78,6 +97,10 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
         allowed = ", ".join([*_option_names(builder), *family_names])
         raise TypeError(f"{error}. Options of method={method!r} for this model: {allowed}") from None
     return family.patch(model, parsed, **family_options)
+
+
+def _methods_of(family) -> tuple[str, ...]:
+    return getattr(family, "SUPPORTED_METHODS", _DEFAULT_FAMILY_METHODS)
 
 
 def _option_names(builder: type) -> list[str]:

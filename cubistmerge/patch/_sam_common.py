@@ -18,6 +18,15 @@ Global-attention blocks see the reduced grid either way. Before the neck the
 grid is recovered to its full size, so the neck and everything after it (SAM's
 prompt encoder and mask decoder) run unchanged.
 
+Expedite (the baseline) clusters before block ``loc`` the way Expedite runs
+SAM: inside every attention window (each window (wh, ww) to (wh - r, ww - r)
+cluster centres, edge windows in proportion; see
+:func:`cubistmerge.merge.expedite.expedite_cluster_windows`), so windowed blocks
+then run with the smaller window exactly as in CubistMerge's ``"window"`` mode,
+and global blocks see the clustered grid. Before the neck every token is
+reconstructed from its window's clustered tokens. An encoder without windowed
+blocks is clustered as one grid.
+
 ToMe (the baseline) cannot feed window attention, relative positions or the
 neck with its unordered tokens, so here it merges only around the token-wise
 part: in every block, inside every window-sized tile, ``r`` tokens are merged
@@ -37,8 +46,9 @@ import torch
 import torch.nn as nn
 
 from ..merge.cubist import Recover, cubist_merge
+from ..merge.expedite import Reconstruct, WindowReconstruct, expedite_cluster, expedite_cluster_windows
 from ..merge.windows import cubist_merge_windows, merge_apply_unmerge_in_windows
-from .options import CubistOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions, ToMeOptions
 
 # (normed grid (B, H, W, C), the block's MLP) -> MLP output grid (B, H, W, C)
 TokenFunction = Callable[[torch.Tensor, nn.Module], torch.Tensor]
@@ -46,12 +56,15 @@ TokenFunction = Callable[[torch.Tensor, nn.Module], torch.Tensor]
 WINDOW_MODES = ("window", "grid")
 DEFAULT_WINDOW_MODE = "window"
 
+# What maps the current grid back to the full one (CubistMerge's copy, Expedite's weighted sum).
+GridRecover = Recover | Reconstruct | WindowReconstruct
+
 
 @dataclass(frozen=True)
 class SamMergeOptions:
     """The method's settings plus how windows are treated (CubistMerge only)."""
 
-    method: CubistOptions | ToMeOptions
+    method: CubistOptions | ToMeOptions | ExpediteOptions
     windows: str = DEFAULT_WINDOW_MODE
 
     @property
@@ -93,6 +106,14 @@ def check_sam_options(options: SamMergeOptions, grid: tuple[int, int], window: i
         if options.method.trace_source:
             raise ValueError("trace_source is not available for ToMe on SAM encoders (tokens are unmerged per block)")
         return
+    if isinstance(options.method, ExpediteOptions):
+        if window:
+            h, w = options.method.clustered((window, window))
+            if h != w:
+                raise ValueError(f"SAM windows are square: use r_h == r_w inside windows (clustering to {h}x{w})")
+        else:
+            options.method.check_grid(grid)
+        return
     if options.windows == "grid" or window == 0:
         options.cubist.check_grid(grid)
         return
@@ -103,7 +124,7 @@ def check_sam_options(options: SamMergeOptions, grid: tuple[int, int], window: i
 class _SamState:
     grid: tuple[int, int]
     window: int  # window size windowed blocks use now
-    recover: Recover | None = None
+    recover: GridRecover | None = None
 
 
 def _reduce(x: torch.Tensor, state: _SamState, r_h: int, r_w: int, options: SamMergeOptions) -> tuple:
@@ -123,6 +144,32 @@ def _reduce(x: torch.Tensor, state: _SamState, r_h: int, r_w: int, options: SamM
     return merged, _SamState(recover.merged_grid, window, chained)
 
 
+def _cluster(x: torch.Tensor, state: _SamState, options: ExpediteOptions) -> tuple[torch.Tensor, _SamState]:
+    """Expedite's clustering of the (B, H, W, C) grid: per window if the encoder has windowed blocks."""
+    settings = dict(
+        neighbourhood=options.neighbourhood,
+        iterations=options.iterations,
+        temperature=options.temperature,
+        k=options.k,
+        normalise=options.normalise,
+    )
+    with torch.profiler.record_function("cubistmerge::expedite_cluster"):
+        if state.window > 0:
+            out_window = options.clustered((state.window, state.window))
+            if out_window[0] != out_window[1]:
+                raise ValueError(f"SAM windows are square: use r_h == r_w inside windows (clustering to {out_window})")
+            if out_window[0] == state.window:
+                return x, state
+            merged, reconstruct, (window, _) = expedite_cluster_windows(x, state.window, out_window, **settings)
+        else:
+            out_hw = options.clustered(state.grid)
+            if out_hw == state.grid:
+                return x, state
+            merged, reconstruct = expedite_cluster(x, out_hw, **settings)
+            window = 0
+    return merged, _SamState(reconstruct.merged_grid, window, reconstruct)
+
+
 def run_blocks(
     blocks: nn.Module,
     x: torch.Tensor,
@@ -132,11 +179,12 @@ def run_blocks(
     take_indices: set[int] | None = None,
     last_block: int | None = None,
     checkpointing: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor], Recover | None]:
+) -> tuple[torch.Tensor, list[torch.Tensor], GridRecover | None]:
     """Run the blocks on an NHWC grid with the scheduled reductions.
 
     Returns the final grid (merged, not recovered), the outputs of the blocks in
-    ``take_indices`` recovered to the full grid, and the recover of the final grid.
+    ``take_indices`` recovered to the full grid, and the recover (CubistMerge) or
+    reconstruction (Expedite) of the final grid, None if it was never reduced.
     """
     state = _SamState(tuple(x.shape[1:3]), window_size_of_model(blocks, runner))
     original_window = state.window
@@ -149,7 +197,12 @@ def run_blocks(
             if take_indices is not None and i in take_indices:
                 intermediates.append(x)
             continue
-        stage = options.cubist.stage_at(i)
+        if isinstance(options.method, ExpediteOptions):
+            if i == options.method.loc:
+                x, state = _cluster(x, state, options.method)
+            stage = None
+        else:
+            stage = options.cubist.stage_at(i)
         if stage is not None:
             reference = (state.window, state.window) if options.windows == "window" and state.window else state.grid
             r_h, r_w = stage.resolve(reference)
@@ -188,5 +241,10 @@ def _tome_block(
     return step(*args)
 
 
-def recover_grid(x: torch.Tensor, recover: Recover | None) -> torch.Tensor:
-    return x if recover is None else recover(x)
+def recover_grid(x: torch.Tensor, recover: GridRecover | None) -> torch.Tensor:
+    if recover is None:
+        return x
+    if isinstance(recover, Recover):
+        return recover(x)
+    with torch.profiler.record_function("cubistmerge::expedite_reconstruct"):
+        return recover(x)

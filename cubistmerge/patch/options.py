@@ -6,6 +6,14 @@ import math
 from dataclasses import dataclass
 
 from ..merge.cubist import METRICS
+from ..merge.expedite import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_K,
+    DEFAULT_NEIGHBOURHOOD,
+    DEFAULT_TEMPERATURE,
+    NORMALISATIONS,
+    Normalise,
+)
 from ..merge.groups import REPRESENTATIONS
 from ..merge.tome import RSchedule, tome_schedule
 
@@ -40,13 +48,29 @@ def _check_amount(name: str, value: object) -> Amount:
     return value
 
 
-def _split_r(r: object) -> tuple[Amount, Amount]:
+def _check_cluster_amount(name: str, value: object) -> Amount:
+    """Expedite's amounts: clustering can shrink a side to one token, so fractions go up to (not including) 1."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be an int number of tokens or a float fraction in [0, 1), got {value!r}")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} must be >= 0 tokens, got {value}")
+    if isinstance(value, float) and not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} as a fraction of the grid side must be in [0, 1), got {value}")
+    return value
+
+
+def _split_r(r: object, check=_check_amount) -> tuple[Amount, Amount]:
     if isinstance(r, tuple | list):
         if len(r) != 2:
             raise ValueError(f"r must be an int, a float fraction, or (r_h, r_w); got {r!r}")
-        return _check_amount("r_h", r[0]), _check_amount("r_w", r[1])
-    amount = _check_amount("r", r)
+        return check("r_h", r[0]), check("r_w", r[1])
+    amount = check("r", r)
     return amount, amount
+
+
+def _check_loc(loc: object, num_blocks: int) -> None:
+    if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < num_blocks:
+        raise ValueError(f"loc must be a block index in [0, {num_blocks - 1}], got {loc!r}")
 
 
 @dataclass(frozen=True)
@@ -89,8 +113,7 @@ class CubistOptions:
             parsed = tuple(parsed_list)
         previous = -1
         for stage in parsed:
-            if isinstance(stage.loc, bool) or not isinstance(stage.loc, int) or not 0 <= stage.loc < num_blocks:
-                raise ValueError(f"loc must be a block index in [0, {num_blocks - 1}], got {stage.loc!r}")
+            _check_loc(stage.loc, num_blocks)
             if stage.loc <= previous:
                 raise ValueError(f"stage locations must be strictly increasing, got {[s.loc for s in parsed]}")
             previous = stage.loc
@@ -139,3 +162,81 @@ class ToMeOptions:
         trace_source: bool = False,
     ) -> ToMeOptions:
         return cls(tuple(tome_schedule(r, num_blocks)), bool(prop_attn), bool(recover_output), bool(trace_source))
+
+
+@dataclass(frozen=True)
+class ExpediteOptions:
+    """Expedite (the dense-model baseline): cluster the grid once, reconstruct it at the end.
+
+    The amount uses CubistMerge's knob, so the methods compare at equal token
+    counts: ``r_h`` / ``r_w`` tokens fewer per column / row, i.e. the grid
+    (H, W) is clustered to (H - r_h, W - r_w) (on SAM encoders: every window
+    (wh, ww) to (wh - r_h, ww - r_w)). A float is a fraction of the side,
+    ``round(f * side)``. Unlike CubistMerge there is no limit of half a side:
+    anything leaving at least one token per side works. The other settings are
+    those of :func:`cubistmerge.merge.expedite.expedite_cluster`.
+
+    There is no ``trace_source``: Expedite's reconstruction is a weighted sum
+    over several clustered tokens, not a token-to-token map.
+    """
+
+    loc: int  # clustering runs on the input of this block
+    r_h: Amount
+    r_w: Amount
+    neighbourhood: int = DEFAULT_NEIGHBOURHOOD
+    iterations: int = DEFAULT_ITERATIONS
+    temperature: float = DEFAULT_TEMPERATURE
+    k: int = DEFAULT_K
+    normalise: Normalise = "sum"
+    recover_output: bool = True
+
+    method = "expedite"
+    trace_source = False  # not a dataclass field: never available for Expedite
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        num_blocks: int,
+        r: object = 1,
+        loc: int = 1,
+        neighbourhood: int = DEFAULT_NEIGHBOURHOOD,
+        iterations: int = DEFAULT_ITERATIONS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        k: int = DEFAULT_K,
+        normalise: str = "sum",
+        recover_output: bool = True,
+    ) -> ExpediteOptions:
+        r_h, r_w = _split_r(r, _check_cluster_amount)
+        _check_loc(loc, num_blocks)
+        for name, value, minimum in (("neighbourhood", neighbourhood, 1), ("iterations", iterations, 0), ("k", k, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if neighbourhood % 2 == 0:
+            raise ValueError(
+                f"neighbourhood must be odd (a square of cells centred on a token's cell), got {neighbourhood}"
+            )
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+        return cls(loc, r_h, r_w, neighbourhood, iterations, float(temperature), k, normalise, bool(recover_output))
+
+    def resolve(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """(r_h, r_w) in tokens for a grid (or window) of (H, W)."""
+        return _tokens(self.r_h, grid[0]), _tokens(self.r_w, grid[1])
+
+    def clustered(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The (h, w) a grid (or window) of ``grid`` is clustered to; raises if a side would vanish."""
+        H, W = grid
+        r_h, r_w = self.resolve(grid)
+        if r_h >= H or r_w >= W:
+            raise ValueError(
+                f"Expedite at block {self.loc} asks for r_h={r_h}, r_w={r_w} on a {H}x{W} grid; "
+                f"at least one token per side must remain: at most {H - 1} per column and {W - 1} per row"
+            )
+        return H - r_h, W - r_w
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Raise if the clustering cannot run on a grid (or window) of ``grid`` (H, W)."""
+        self.clustered(grid)

@@ -4,7 +4,7 @@ What most SAM users run. Patching a ``Sam`` patches its ``image_encoder``, so
 ``SamPredictor`` and the automatic mask generator work unchanged: the encoder
 recovers the full 64x64 grid before its neck, and the prompt encoder and mask
 decoder never see a merged token. See :mod:`cubistmerge.patch._sam_common` for
-the two window designs.
+the two window designs (and how Expedite clusters windows).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch.nn as nn
 
 from ._sam_common import SamBlockRunner, SamMergeOptions, TokenFunction, check_sam_options, recover_grid, run_blocks
 from ._swap import options_of, patched_family, restore_class, swap_class
-from .options import CubistOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions, ToMeOptions
 
 FAMILY = "segment_anything ImageEncoderViT (or a Sam model)"
 FAMILY_OPTIONS = {"cubist": ("windows",)}
+SUPPORTED_METHODS = ("cubist", "tome", "expedite")
 
 
 def _classes():
@@ -82,7 +83,9 @@ def block_forward_with_window(
 RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
 
 
-def patch(model: nn.Module, options: CubistOptions | ToMeOptions, windows: str = "window") -> nn.Module:
+def patch(
+    model: nn.Module, options: CubistOptions | ToMeOptions | ExpediteOptions, windows: str = "window"
+) -> nn.Module:
     encoder = _encoder(model)
     sam_options = SamMergeOptions(options, windows)
     stride_h, stride_w = encoder.patch_embed.proj.stride

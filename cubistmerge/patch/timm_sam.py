@@ -1,7 +1,7 @@
 """Patching timm's SAM image encoders (``vision_transformer_sam.VisionTransformerSAM``: samvit_*).
 
-See :mod:`cubistmerge.patch._sam_common` for the two window designs. The model
-class is swapped for a subclass overriding ``forward_features`` and
+See :mod:`cubistmerge.patch._sam_common` for the two window designs (and how
+Expedite clusters windows). The model class is swapped for a subclass overriding ``forward_features`` and
 ``forward_intermediates``; blocks run through their own ``forward`` except when
 the window size was reduced, where :func:`block_forward_with_window` runs the
 same steps (norm, window partition, attention, unpartition, residuals with
@@ -20,10 +20,11 @@ from timm.models.vision_transformer_sam import Block, VisionTransformerSAM, wind
 
 from ._sam_common import SamBlockRunner, SamMergeOptions, TokenFunction, check_sam_options, recover_grid, run_blocks
 from ._swap import options_of, restore_class, swap_class
-from .options import CubistOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions, ToMeOptions
 
 FAMILY = "timm VisionTransformerSAM (samvit_*)"
 FAMILY_OPTIONS = {"cubist": ("windows",)}
+SUPPORTED_METHODS = ("cubist", "tome", "expedite")
 
 _FEATURES_PARAMS = ("self", "x")
 _INTERMEDIATES_PARAMS = ("self", "x", "indices", "norm", "stop_early", "output_fmt", "intermediates_only")
@@ -73,7 +74,9 @@ def block_forward_with_window(
 RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
 
 
-def patch(model: VisionTransformerSAM, options: CubistOptions | ToMeOptions, windows: str = "window"):
+def patch(
+    model: VisionTransformerSAM, options: CubistOptions | ToMeOptions | ExpediteOptions, windows: str = "window"
+) -> VisionTransformerSAM:
     sam_options = SamMergeOptions(options, windows)
     window = max((blk.window_size for blk in model.blocks), default=0)
     check_sam_options(sam_options, tuple(model.patch_embed.grid_size), window)

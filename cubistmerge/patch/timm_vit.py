@@ -6,8 +6,9 @@ tokens) and every other model whose blocks are ``vision_transformer.Block``.
 The model's class is swapped for a subclass that overrides only
 ``forward_features`` and ``forward_intermediates``: the embedding, the blocks,
 the norm and the head are the model's own modules, called as they are.
-CubistMerge needs nothing inside a block (it reduces the grid between two
-blocks). ToMe merges between a block's attention and its MLP, so its blocks run
+CubistMerge and Expedite need nothing inside a block (they reduce the grid
+between two blocks; Expedite's reconstruction runs on the final tokens, before
+the model's final ``norm``). ToMe merges between a block's attention and its MLP, so its blocks run
 through :func:`tome_block_forward`, which calls the block's own attention
 module (fused SDPA, q/k norm, gating kept) and reads the keys it computed.
 """
@@ -15,6 +16,8 @@ module (fused SDPA, q/k norm, gating kept) and reads the keys it computed.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,13 +28,15 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from ..merge.cubist import cubist_merge
+from ..merge.expedite import Reconstruct, expedite_cluster
 from ..merge.tome import match_bipartite, max_tome_r, merge_matched
 from ._swap import options_of, restore_class, swap_class
 from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
-from .options import CubistOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions, ToMeOptions
 from .state import MergeState, with_prefix
 
 FAMILY = "timm VisionTransformer (blocks: timm.models.vision_transformer.Block)"
+SUPPORTED_METHODS = ("cubist", "tome", "expedite")
 
 # The upstream signatures this override reproduces. If timm adds a parameter,
 # patching refuses instead of silently ignoring it.
@@ -68,12 +73,12 @@ def num_blocks(model: VisionTransformer) -> int:
     return len(model.blocks)
 
 
-def patch(model: VisionTransformer, options: CubistOptions | ToMeOptions) -> VisionTransformer:
+def patch(model: VisionTransformer, options: CubistOptions | ToMeOptions | ExpediteOptions) -> VisionTransformer:
     if isinstance(options, ToMeOptions):
         plain = [type(blk.attn).__name__ for blk in model.blocks if not isinstance(blk.attn, Attention)]
         if plain:
             raise ValueError(f"ToMe needs timm Attention modules to read the keys from; this model has {plain[0]}")
-    if isinstance(options, CubistOptions):
+    if isinstance(options, CubistOptions | ExpediteOptions):
         options.check_grid(tuple(model.patch_embed.grid_size))
     return swap_class(model, _MergingViT, options, FAMILY)
 
@@ -107,6 +112,50 @@ def cubist_reduce(x: torch.Tensor, state: MergeState, r_h: int, r_w: int, option
         index = with_prefix(recover.index, p)
         state = state.merged(index, p + Hm * Wm, grid=(Hm, Wm))
     return x, state
+
+
+def expedite_reduce(
+    x: torch.Tensor, state: MergeState, options: ExpediteOptions
+) -> tuple[torch.Tensor, MergeState, Reconstruct | None]:
+    """Cluster the patch grid of (B, prefix + H*W, C) tokens (Expedite); prefix tokens pass through.
+
+    Returns the tokens on the clustered grid, the state (its grid updated; no
+    index map, as nothing is merged by copy) and the grid's reconstruction, or
+    the inputs and None when the grid would not shrink (``r`` resolves to 0):
+    then nothing is clustered and the model runs exactly as unpatched.
+    """
+    H, W = state.grid
+    h, w = options.clustered((H, W))
+    if (h, w) == (H, W):
+        return x, state, None
+    if state.attn_bias is not None:
+        raise ValueError(
+            "attn_mask cannot be combined with Expedite: its clustered tokens are weighted means of many patches, "
+            "so a per-patch mask has no counterpart; use method='cubist' or 'tome', or no mask"
+        )
+    B, _, C = x.shape
+    p = state.num_prefix
+    with torch.profiler.record_function("cubistmerge::expedite_cluster"):
+        centres, reconstruct = expedite_cluster(
+            x[:, p:].reshape(B, H, W, C),
+            (h, w),
+            neighbourhood=options.neighbourhood,
+            iterations=options.iterations,
+            temperature=options.temperature,
+            k=options.k,
+            normalise=options.normalise,
+        )
+        x = torch.cat([x[:, :p], centres.reshape(B, h * w, C)], dim=1)
+    return x, replace(state, grid=(h, w)), reconstruct
+
+
+def reconstruct_tokens(x: torch.Tensor, reconstruct: Reconstruct, num_prefix: int) -> torch.Tensor:
+    """(B, prefix + h*w, C) -> (B, prefix + H*W, C): Expedite's reconstruction; prefix tokens pass through."""
+    B, _, C = x.shape
+    h, w = reconstruct.merged_grid
+    with torch.profiler.record_function("cubistmerge::expedite_reconstruct"):
+        patches = reconstruct(x[:, num_prefix:].reshape(B, h, w, C))
+        return torch.cat([x[:, :num_prefix], patches.reshape(B, -1, C)], dim=1)
 
 
 def tome_block_forward(
@@ -164,27 +213,43 @@ class _MergingViT:
         take_indices: set[int] | None = None,
         last_block: int | None = None,
         norm_intermediates: bool = False,
-    ) -> tuple[torch.Tensor, MergeState, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Callable[..., torch.Tensor], list[torch.Tensor]]:
         """Embed and run the blocks with merging.
 
-        Returns the final tokens (not normed, still merged), the final state,
-        and the outputs of the blocks in ``take_indices`` in the original
-        token layout (optionally normed).
+        Returns the final tokens (not normed, still merged), the function that
+        turns them into the output (``finish(tokens, recover)``: normed, and in
+        the original token layout if ``recover``), and the outputs of the blocks
+        in ``take_indices`` in the original token layout (optionally normed).
         """
         options = options_of(self)
         cubist = isinstance(options, CubistOptions)
+        expedite = isinstance(options, ExpediteOptions)
+        needs_grid = "CubistMerge" if cubist else "Expedite" if expedite else None
         x = _embed(self, images)
-        state = start_state(self, patch_grid(self, images), x, attn_mask, needs_grid="CubistMerge" if cubist else None)
+        state = start_state(self, patch_grid(self, images), x, attn_mask, needs_grid=needs_grid)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         intermediates = []
+        reconstruct: Reconstruct | None = None  # Expedite's, once the grid is clustered
+
+        def finish(y: torch.Tensor, recover: bool, norm: bool = True) -> torch.Tensor:
+            if reconstruct is not None:
+                # Expedite rebuilds the tokens before the (token-wise) norm, which then sees full tokens.
+                y = reconstruct_tokens(y, reconstruct, state.num_prefix) if recover else y
+                return self.norm(y) if norm else y
+            y = self.norm(y) if norm else y
+            return state.recover(y) if recover else y
+
         blocks = self.blocks if last_block is None else self.blocks[: last_block + 1]
         for i, block in enumerate(blocks):
-            if cubist:
-                stage = options.stage_at(i)
-                if stage is not None:
-                    r_h, r_w = stage.resolve(state.grid)
-                    if r_h or r_w:
-                        x, state = cubist_reduce(x, state, r_h, r_w, options)
+            if cubist or expedite:
+                if cubist:
+                    stage = options.stage_at(i)
+                    if stage is not None:
+                        r_h, r_w = stage.resolve(state.grid)
+                        if r_h or r_w:
+                            x, state = cubist_reduce(x, state, r_h, r_w, options)
+                elif i == options.loc:
+                    x, state, reconstruct = expedite_reduce(x, state, options)
                 if checkpointing:
                     x = checkpoint(_plain_block_forward, block, x, state, is_causal, use_reentrant=False)
                 else:
@@ -197,17 +262,16 @@ class _MergingViT:
                 else:
                     x, state = tome_block_forward(block, x, state, r, options, is_causal)
             if take_indices is not None and i in take_indices:
-                intermediates.append(state.recover(self.norm(x) if norm_intermediates else x))
+                intermediates.append(finish(x, True, norm_intermediates))
         if options.trace_source:
             store_source(self, state, x)
-        return x, state, intermediates
+        return x, finish, intermediates
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
-        x, state, _ = self._merging_tokens(x, attn_mask, is_causal)
-        x = self.norm(x)
-        return state.recover(x) if options_of(self).recover_output else x
+        x, finish, _ = self._merging_tokens(x, attn_mask, is_causal)
+        return finish(x, options_of(self).recover_output)
 
     def forward_intermediates(
         self,
@@ -225,7 +289,7 @@ class _MergingViT:
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        tokens, state, intermediates = self._merging_tokens(
+        tokens, finish, intermediates = self._merging_tokens(
             x, attn_mask, is_causal, set(take_indices), max_index if stop_early else None, norm
         )
         spatial, prefix = format_intermediates(
@@ -233,8 +297,7 @@ class _MergingViT:
         )
 
         def final() -> torch.Tensor:
-            out = self.norm(tokens)
-            return state.recover(out) if options_of(self).recover_output else out
+            return finish(tokens, options_of(self).recover_output)
 
         if output_dict:
             result = {"image_intermediates": spatial}
