@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -60,6 +61,19 @@ def store_source(model: nn.Module, state: MergeState, x: torch.Tensor) -> None:
     """Leave the last forward's (B, N) token-to-merged-token index map on the model (``trace_source``)."""
     n = state.num_original
     source = state.groups if state.groups is not None else torch.arange(n, device=x.device).expand(len(x), n)
+    setattr(model, SOURCE_ATTR, source)
+
+
+def store_grid_source(model: nn.Module, recover: Any, grid: torch.Tensor) -> None:
+    """``trace_source`` for grid families (no prefix tokens): the (B, H * W) map from the final recover.
+
+    ``grid`` is the (B, H, W, C) grid before any reduction, for the identity map when nothing was merged.
+    """
+    B, H, W = grid.shape[:3]
+    if recover is None:
+        source = torch.arange(H * W, device=grid.device).expand(B, H * W)
+    else:
+        source = recover.index
     setattr(model, SOURCE_ATTR, source)
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ._sam_common import SamBlockRunner, SamMergeOptions, TokenFunction, check_sam_options, recover_grid, run_blocks
 from ._swap import options_of, patched_family, restore_class, swap_class
+from ._tokens import store_grid_source
 from .options import CubistOptions, ExpediteOptions, ToMeOptions
 
 FAMILY = "segment_anything ImageEncoderViT (or a Sam model)"
@@ -107,7 +108,10 @@ class _MergingImageEncoderViT:
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        grid = x
         x, _, recover = run_blocks(self.blocks, x, options, RUNNER)
+        if options.method.trace_source:
+            store_grid_source(self, recover, grid)
         if options.recover_output:
             x = recover_grid(x, recover)
         return self.neck(x.permute(0, 3, 1, 2))

@@ -20,6 +20,7 @@ from timm.models.vision_transformer_sam import Block, VisionTransformerSAM, wind
 
 from ._sam_common import SamBlockRunner, SamMergeOptions, TokenFunction, check_sam_options, recover_grid, run_blocks
 from ._swap import options_of, restore_class, swap_class
+from ._tokens import store_grid_source
 from .options import CubistOptions, ExpediteOptions, ToMeOptions
 
 FAMILY = "timm VisionTransformerSAM (samvit_*)"
@@ -100,10 +101,14 @@ class _MergingSAM:
     def _merged_grid(self, x, take_indices=None, last_block=None):
         options: SamMergeOptions = options_of(self)
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        x = _embed(self, x)
+        grid = x
         x, intermediates, recover = run_blocks(
-            self.blocks, _embed(self, x), options, RUNNER,
+            self.blocks, x, options, RUNNER,
             take_indices=take_indices, last_block=last_block, checkpointing=checkpointing,
         )
+        if options.method.trace_source:
+            store_grid_source(self, recover, grid)
         if options.recover_output:
             x = recover_grid(x, recover)
         return x, intermediates

@@ -34,6 +34,7 @@ from ..merge.cubist import Recover, cubist_merge
 from ..merge.windows import cubist_merge_windows, merge_apply_unmerge_in_windows
 from ._sam_common import WINDOW_MODES, TokenFunction
 from ._swap import options_of, restore_class, swap_class
+from ._tokens import store_grid_source
 from .options import CubistOptions, ToMeOptions
 
 FAMILY = "timm TinyVit (TinyViT, MobileSAM's encoder)"
@@ -231,6 +232,9 @@ class _MergingTinyVit:
             x = x.permute(0, 3, 1, 2)
             if window:
                 window = 0  # a later stage has its own window size
+        if cubist.trace_source:
+            # the map onto the last stage's grid (a reduction recovered before a downsampling leaves none there)
+            store_grid_source(self, recover, x.permute(0, 2, 3, 1))
         if recover is not None and cubist.recover_output:
             x = recover(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x

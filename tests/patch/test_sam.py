@@ -256,3 +256,22 @@ def test_sam_predictor_works_on_a_patched_sam():
 def test_unsupported_message_lists_sam_families():
     with pytest.raises(UnsupportedModelError, match="segment_anything ImageEncoderViT"):
         cubistmerge.patch(torch.nn.Conv2d(3, 3, 1), "cubist")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("windows", ["window", "grid"])
+def test_trace_source_maps_every_patch_to_its_merged_token(kind, windows, images):
+    model = make_encoder(kind)
+    cubistmerge.patch(model, "cubist", r=0, windows=windows, trace_source=True)
+    with torch.no_grad():
+        encode(model, images)
+    assert torch.equal(model.cubistmerge_source, torch.arange(256).expand(2, 256))
+    cubistmerge.patch(model, "cubist", r=2, loc=1, windows=windows, trace_source=True)
+    with torch.no_grad():
+        encode(model, images)
+    source = model.cubistmerge_source
+    # window mode: 7x7 windows -> 5x5, the 2-token edge windows -> 1: 5 + 5 + 1 = 11 per side; grid: 16 -> 14
+    side = 11 if windows == "window" else 14
+    assert source.shape == (2, 256)
+    for b in range(2):
+        assert torch.equal(torch.unique(source[b]), torch.arange(side * side))

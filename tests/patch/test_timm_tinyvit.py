@@ -126,3 +126,19 @@ def test_window_reductions_are_checked_per_stage():
     cubistmerge.patch(make_model(), "cubist", stages=[(0, 2, 2), (2, 3, 3)], windows="window")
     with pytest.raises(ValueError, match="inside 5x5 windows"):
         cubistmerge.patch(make_model(), "cubist", stages=[(0, 2, 2), (1, 3, 3)], windows="window")
+
+
+def test_trace_source_maps_the_last_stage_grid(images):
+    model = make_model()
+    # block 3 is in the 14x14 stage: recovered before the 7x7 stage's downsampling, so the last grid is unmerged
+    cubistmerge.patch(model, "cubist", r=2, loc=3, trace_source=True)
+    with torch.no_grad():
+        model(images)
+    assert torch.equal(model.cubistmerge_source, torch.arange(49).expand(2, 49))
+    cubistmerge.patch(model, "cubist", r=1, loc=5, trace_source=True)  # block 5: the 7x7 stage, one 7x7 window
+    with torch.no_grad():
+        model(images)
+    source = model.cubistmerge_source
+    assert source.shape == (2, 49)
+    for b in range(2):
+        assert torch.equal(torch.unique(source[b]), torch.arange(36))
