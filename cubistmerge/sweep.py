@@ -21,6 +21,7 @@ own curve).
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .bench import RunStats, Variant, device_name, format_options, jsonable, text_table
+from .bench import DTYPES, RunStats, Variant, device_name, format_options, jsonable, text_table
 from .flops import count_flops
 
 __all__ = [
@@ -294,8 +295,20 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    # autocast rather than converting weights: the copies keep the given model's parameters
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def _time_interleaved(
-    modules: Sequence[nn.Module], example: torch.Tensor, runs: int, warmup: int, progress: bool
+    modules: Sequence[nn.Module],
+    example: torch.Tensor,
+    runs: int,
+    warmup: int,
+    progress: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> list[list[float]]:
     """Seconds per call of every module, ``runs`` rounds after ``warmup``; each round runs every module once.
 
@@ -307,7 +320,7 @@ def _time_interleaved(
     device = example.device
     seconds: list[list[float]] = [[] for _ in modules]
     order = list(range(len(modules)))
-    with torch.inference_mode():
+    with torch.inference_mode(), _autocast(device, dtype):
         for round_index in tqdm(
             range(warmup + runs), desc="timing", unit="round", disable=None if progress else True, leave=False
         ):
@@ -332,6 +345,7 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    dtype: str | torch.dtype = "float32",
 ) -> SweepResult:
     """Measure every setting on ``task``; see the module docstring.
 
@@ -345,6 +359,8 @@ def run_sweep(
         progress: progress bars on stderr.
         log: receives short status messages.
         command: the command line recorded in the result.
+        dtype: ``float32``, or ``float16`` / ``bfloat16``: the timed calls run under ``torch.autocast``
+            (the task's evaluation takes its own dtype).
 
     Raises:
         SweepConfigError: a setting does not parse or cannot be applied to this model.
@@ -352,6 +368,12 @@ def run_sweep(
     if runs < 1 or warmup < 0:
         raise SweepConfigError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     say = log or (lambda _message: None)
+    if isinstance(dtype, torch.dtype):
+        amp_dtype = dtype
+    elif dtype in DTYPES:
+        amp_dtype = DTYPES[dtype]
+    else:
+        raise SweepConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     variants = [parse_setting(s) if isinstance(s, str) else Variant.coerce(s) for s in settings]
     variants = [v for v in variants if v.method != "none"]
     labels = [v.name for v in variants]
@@ -382,7 +404,8 @@ def run_sweep(
             raise SweepConfigError(f"{label}: forward pass failed: {error}") from error
 
     say(f"timing {len(copies)} copies: {warmup} warm-up + {runs} interleaved rounds")
-    seconds = _time_interleaved([task.speed_module(m) for m in copies.values()], example, runs, warmup, progress)
+    modules = [task.speed_module(m).to(example.device) for m in copies.values()]
+    seconds = _time_interleaved(modules, example, runs, warmup, progress, amp_dtype)
     times = dict(zip(copies, seconds, strict=True))
 
     say("evaluating")
@@ -412,7 +435,7 @@ def run_sweep(
         **task.describe(),
         "device": str(device),
         "device_name": device_name(device),
-        "dtype": str(example.dtype).removeprefix("torch."),
+        "dtype": str(amp_dtype).removeprefix("torch."),
         "speed_input": list(example.shape),
         "runs": runs,
         "warmup": warmup,

@@ -354,3 +354,22 @@ def test_describe_names_method_and_settings():
     assert describe("cubist", dict(r=(4, 4))) == "CubistMerge r=(4,4) @1"
     assert describe("cubist", dict(stages=[(1, 2, 2)], metric="l2")) == "CubistMerge stages=[(1,2,2)] metric=l2"
     assert describe("tome", dict(r=8, trace_source=True)) == "ToMe r=8"
+
+
+def test_cli_visualize_writes_the_png(tmp_path, capsys):
+    from cubistmerge.cli import main
+
+    image_path = tmp_path / "picture.png"
+    Image.fromarray(smooth_picture(96)).save(image_path)
+    out = tmp_path / "groups.png"
+    argv = ["visualize", str(image_path), "--model", TINY_NAME, "--img-size", "64", "--output", str(out),
+            "--setting", "cubist r=1 loc=1", "--setting", "tome r=2"]  # fmt: skip
+    assert main(argv) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "CubistMerge r=1 @1: 9 tokens" in printed and f"wrote {out}" in printed
+    with pytest.raises(SystemExit):
+        main(["visualize", str(tmp_path / "missing.png")])
+    assert main(["visualize", str(image_path), "--model", TINY_NAME, "--img-size", "64", "--output", str(out),
+                 "--setting", "cubist r=9"]) == 2  # fmt: skip
+    assert "error" in capsys.readouterr().err

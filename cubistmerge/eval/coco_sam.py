@@ -501,6 +501,8 @@ MOBILESAM_CURVE_SETTINGS: tuple[str, ...] = (
     "cubist r=1 loc=2 metric=l2",
     "cubist r=2 loc=2 metric=l2",
     "cubist r=3 loc=2 metric=l2",
+    "cubist r=2 loc=5",
+    "cubist r=2 loc=5 metric=l2",
     "cubist r=8 loc=2 windows=grid",
     "cubist r=12 loc=2 windows=grid",
     "tome r=[0,0,49,49,49,49,49,49,12,12]",

@@ -53,6 +53,8 @@ from .distributed import (
 )
 
 __all__ = [
+    "IMAGENET_CURVE_SETTINGS",
+    "ImageNetSweep",
     "IMAGE_EXTENSIONS",
     "ImageNetDataset",
     "ImageNetResult",
@@ -805,3 +807,91 @@ def _timm_version() -> str:
     import timm
 
     return str(timm.__version__)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+# The curves ``cubistmerge eval imagenet --curves`` / ``sweep imagenet`` measure on a 12-block ViT at 224
+# (a 14 x 14 grid): the paper's DeiT settings for CubistMerge, ToMe with constant r, Expedite at block 1.
+IMAGENET_CURVE_SETTINGS: tuple[str, ...] = (
+    "cubist r=1 loc=1",
+    "cubist r=2 loc=1",
+    "cubist r=3 loc=1",
+    "tome r=6",
+    "tome r=9",
+    "tome r=13",
+    "expedite r=1 loc=1",
+    "expedite r=2 loc=1",
+    "expedite r=3 loc=1",
+)
+
+
+class ImageNetSweep:
+    """:func:`cubistmerge.sweep.run_sweep` task: classification of labelled images; the whole model is merged.
+
+    Metrics per model: ``top1``, ``top5`` and ``agreement`` (top-1 agreement with the unmerged copy).
+    The curves plot ``top1`` for real weights and ``agreement`` otherwise (``primary_metric``). The speed
+    input is the first ``batch_size`` images.
+    """
+
+    name = "imagenet-classification"
+    higher_is_better = True
+
+    def __init__(
+        self,
+        data: str | Path,
+        labels: str | Path | None = None,
+        *,
+        transform: Callable[[Any], Any],
+        max_images: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        progress: bool = True,
+        real_weights: bool = False,
+        description: dict[str, Any] | None = None,
+    ) -> None:
+        self.dataset = ImageNetDataset(data, labels, transform=transform)
+        if len(self.dataset) == 0:
+            raise ValueError(f"no labelled images in {str(data)!r}")
+        self.max_images = max_images
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.progress = progress
+        self.primary_metric = "top1" if real_weights else "agreement"
+        self.description = dict(description or {})
+        self.num_images = len(self.dataset) if max_images is None else min(len(self.dataset), max_images)
+
+    def speed_module(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def speed_input(self) -> torch.Tensor:
+        count = min(self.batch_size, self.num_images)
+        return torch.stack([self.dataset[i][0] for i in range(count)]).to(self.device)
+
+    def evaluate(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
+        result = evaluate_imagenet(
+            models,
+            self.dataset,
+            reference="unmerged",
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            device=self.device,
+            dtype=self.dtype,
+            max_images=self.max_images,
+            progress=self.progress,
+        )
+        return {
+            label: {"top1": result[label].top1, "top5": result[label].top5, "agreement": result[label].agreement}
+            for label in models
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "data": f"{self.dataset.root} ({self.dataset.layout}, labels {self.dataset.label_source}): "
+            f"{self.num_images} images",
+            **self.description,
+        }

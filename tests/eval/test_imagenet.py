@@ -476,3 +476,58 @@ def test_models_needing_different_transforms_are_refused():
         {"small": tiny_vit(img_size=32)}, IMAGENET, max_images=2, data_config={"crop_pct": 1.0}, progress=False
     )
     assert result.settings["input_size"] == [3, 32, 32] and result.settings["crop_pct"] == 1.0
+
+
+# --------------------------------------------------------------------------- the CLI: eval imagenet, sweep imagenet
+
+
+def _run_main(argv: list[str]) -> int:
+    from cubistmerge.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
+TINY_ARGS = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--runs", "1", "--warmup", "0", "--no-progress"]
+
+
+@needs_imagenet
+def test_cli_eval_imagenet_one_method(tmp_path, capsys):
+    out_json = tmp_path / "in.json"
+    argv = ["eval", "imagenet", *TINY_ARGS, "--max-images", "6", "--batch-size", "3", "--method", "cubist",
+            "--cubist-r", "1", "--json", str(out_json)]  # fmt: skip
+    assert _run_main(argv) == 0
+    data = json.loads(out_json.read_text())
+    rows = {row["label"]: row for row in data["rows"]}
+    assert list(rows) == ["unmerged", "cubist r=1 loc=1"]
+    assert rows["unmerged"]["metrics"]["agreement"] == 1.0
+    assert set(rows["cubist r=1 loc=1"]["metrics"]) == {"top1", "top5", "agreement"}
+    assert data["primary_metric"] == "agreement" and data["setup"]["weights"] == "random"  # random weights
+    assert "6 images" in data["setup"]["data"]
+    assert "agreement" in capsys.readouterr().out
+
+
+@needs_imagenet
+def test_cli_sweep_imagenet_runs_the_built_in_curves(tmp_path):
+    from cubistmerge.eval.imagenet import IMAGENET_CURVE_SETTINGS
+
+    out_json, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    # 112 px: a 7x7 grid, where the curves' largest reduction (r=3) still fits
+    argv = ["sweep", "imagenet", *TINY_ARGS, "--img-size", "112", "--max-images", "4", "--batch-size", "4",
+            "--json", str(out_json), "--plot", str(plot)]  # fmt: skip
+    assert _run_main(argv) == 0
+    data = json.loads(out_json.read_text())
+    assert [row["label"] for row in data["rows"]] == ["unmerged", *IMAGENET_CURVE_SETTINGS]
+    assert {row["series"] for row in data["rows"]} == {"unmerged", "CubistMerge", "ToMe", "Expedite"}
+    assert all(row["flop_ratio"] > 1.0 for row in data["rows"][1:])
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_eval_imagenet_errors(tmp_path, capsys):
+    assert _run_main(["eval", "imagenet", "--data", str(tmp_path / "missing"), *TINY_ARGS]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert _run_main(["eval", "imagenet", "--model", "no_such_model_xyz", "--data", str(tmp_path)]) == 2
+    assert _run_main(["eval", "imagenet", "--cubist-r", "2"]) == 2
+    assert "only to --method cubist" in capsys.readouterr().err

