@@ -486,6 +486,57 @@ def group_colour_image(
 # --------------------------------------------------------------------------- one PNG for several methods
 
 
+def token_layout_image(
+    source: torch.Tensor | np.ndarray,
+    grid: tuple[int, int],
+    image: np.ndarray,
+    merged_grid: tuple[int, int] | None = None,
+    fill: tuple[int, int, int] = (128, 128, 128),
+) -> np.ndarray:
+    """The merged tokens as the later blocks hold them, each drawn in its group's mean image colour.
+
+    With a ``merged_grid`` (H', W') (CubistMerge) token ``i`` is cell ``divmod(i, W')``: a (H', W', 3)
+    picture, a smaller version of the image. Without one (ToMe) the tokens are a sequence with no 2D
+    place; they are written row by row in sequence order into a near-square block (cells past the last
+    token get ``fill``), which shows what a spatial layer would be handed.
+
+    Args:
+        source: (H * W,) group id of every patch (row-major), ids 0..K-1 in token order.
+        grid: (H, W) patch grid.
+        image: (H_img, W_img, 3) uint8 picture the patches tile evenly.
+    Returns:
+        (rows, cols, 3) uint8 array, one pixel per token.
+    """
+    groups = _as_groups_array(source, grid)
+    picture = np.asarray(image)
+    if picture.ndim != 3 or picture.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {picture.shape}")
+    num = int(groups.max()) + 1
+    pixel_groups = _pixel_groups(groups, picture.shape[:2]).ravel()
+    counts = np.bincount(pixel_groups, minlength=num).astype(np.float64)
+    means = (
+        np.stack(
+            [
+                np.bincount(pixel_groups, weights=picture[..., c].ravel().astype(np.float64), minlength=num)
+                for c in range(3)
+            ],
+            axis=1,
+        )
+        / np.maximum(counts, 1)[:, None]
+    )
+    if merged_grid is not None:
+        rows, cols = merged_grid
+        if rows * cols != num:
+            raise ValueError(f"merged_grid {merged_grid} holds {rows * cols} tokens, the groups are {num}")
+    else:
+        cols = int(np.ceil(np.sqrt(num)))
+        rows = -(-num // cols)
+    out = np.empty((rows * cols, 3), dtype=np.float64)
+    out[:] = fill
+    out[:num] = means
+    return out.reshape(rows, cols, 3).round().clip(0, 255).astype(np.uint8)
+
+
 def describe(method: str, options: Mapping[str, Any]) -> str:
     """A short label for a method and its settings, e.g. ``"CubistMerge r=(4,4) @1"`` or ``"ToMe r=8"``."""
     rest = {key: value for key, value in options.items() if key not in ("trace_source", "recover_output")}
@@ -653,6 +704,7 @@ def visualize_methods(
         # Only CubistMerge lays its tokens out as a grid; for ToMe a chance match of the border test means nothing.
         layout = merged_grid_of(groups, grid) if method == "cubist" else None
         results.append(MethodGroups(label or describe(method, options), method, dict(options), groups, grid, layout))
+        grid_size = grid
 
     # Drawn larger than the model input, so one-pixel borders stay thin next to the patches.
     scale = max(1, -(-_MIN_PANEL_PIXELS // min(shown.shape[:2])))
@@ -671,10 +723,20 @@ def visualize_methods(
             tokens=tokens,
         )
         panels.append((_panel_title(result, mode), drawn))
-    return _save_panels(panels, Path(output), panel_inches, dpi), results
+    # What the later blocks hold: a grid of tokens (a small picture) or an unordered sequence.
+    patches = token_layout_image(np.arange(grid_size[0] * grid_size[1]), grid_size, shown, grid_size)
+    layouts = [(f"the {patches.shape[0]}x{patches.shape[1]} patch tokens (mean colours)", patches)]
+    for result in results:
+        layout = token_layout_image(result.groups, result.grid, shown, result.merged_grid)
+        if result.merged_grid is not None:
+            what = "tokens in their {}x{} grid: still an image".format(*result.merged_grid)
+        else:
+            what = f"{layout.shape[0] * layout.shape[1]} cells, tokens in sequence order: no 2D place"
+        layouts.append((what, layout))
+    return _save_panels([panels, layouts], Path(output), panel_inches, dpi), results
 
 
-def _save_panels(panels: list[tuple[str, np.ndarray]], output: Path, panel_inches: float, dpi: int) -> Path:
+def _save_panels(rows: list[list[tuple[str, np.ndarray]]], output: Path, panel_inches: float, dpi: int) -> Path:
     # Agg renders to files without a display (servers, CI); used directly, not through pyplot,
     # it leaves the caller's pyplot backend and open figures alone.
     try:
@@ -682,14 +744,20 @@ def _save_panels(panels: list[tuple[str, np.ndarray]], output: Path, panel_inche
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("writing the PNG needs matplotlib: pip install matplotlib (or cubistmerge[eval])") from None
-    height, width = panels[0][1].shape[:2]
-    figure = Figure(figsize=(panel_inches * len(panels), panel_inches * height / width + 0.8), dpi=dpi)
+    height, width = rows[0][0][1].shape[:2]
+    columns = max(len(row) for row in rows)
+    row_inches = panel_inches * height / width + 0.8
+    figure = Figure(figsize=(panel_inches * columns, row_inches * len(rows)), dpi=dpi)
     figure.set_layout_engine("constrained")
     FigureCanvasAgg(figure)
-    for ax, (title, picture) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
-        ax.imshow(picture, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.set_axis_off()
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    for axes_row, row in zip(axes, rows, strict=True):
+        for ax in axes_row:
+            ax.set_axis_off()
+        for ax, (title, picture) in zip(axes_row, row, strict=False):
+            # every panel spans the same area, so a 12x12 token grid shows as large as the image
+            ax.imshow(picture, interpolation="nearest", extent=(0, width, height, 0))
+            ax.set_title(title, fontsize=9)
     output.parent.mkdir(parents=True, exist_ok=True)
     # "tight" grows the canvas to the multi-line titles instead of cutting their first lines off.
     figure.savefig(output, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
@@ -708,5 +776,6 @@ __all__ = [
     "merge_groups_of",
     "merged_grid_of",
     "sequence_backbone",
+    "token_layout_image",
     "visualize_methods",
 ]

@@ -112,10 +112,17 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_grad_enabled(False)
     start = time.perf_counter()
-    print(f"{args.model}, random weights (LayerScale {args.init_values}), CubistMerge at block {args.loc}, "
-          f"{args.batch_size} smooth random images; recovered patch features vs the unmerged model.\n")
-    header = "| q/k scale | image | r | grid | " + " | ".join(f"cos {p}" for p in PLACEMENTS) + " | " \
-        + " | ".join(f"rel. err {p}" for p in PLACEMENTS) + " |"
+    print(
+        f"{args.model}, random weights (LayerScale {args.init_values}), CubistMerge at block {args.loc}, "
+        f"{args.batch_size} smooth random images; recovered patch features vs the unmerged model.\n"
+    )
+    header = (
+        "| q/k scale | image | r | grid | "
+        + " | ".join(f"cos {p}" for p in PLACEMENTS)
+        + " | "
+        + " | ".join(f"rel. err {p}" for p in PLACEMENTS)
+        + " |"
+    )
     print(header)
     print("|" + "---|" * header.count(" | ") + "---|")
     for qk_scale in args.qk_scales:
@@ -129,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
                 reduced = reduced_grid(side, r)
                 cosines = " | ".join(f"{results[p][0]:.5f}" for p in PLACEMENTS)
                 errors = " | ".join(f"{results[p][1]:.4f}" for p in PLACEMENTS)
-                print(f"| {qk_scale:g} | {size} | {r} | {side}x{side} -> {reduced}x{reduced} | {cosines} | {errors} |",
-                      flush=True)
+                print(
+                    f"| {qk_scale:g} | {size} | {r} | {side}x{side} -> {reduced}x{reduced} | {cosines} | {errors} |",
+                    flush=True,
+                )
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

@@ -373,3 +373,18 @@ def test_cli_visualize_writes_the_png(tmp_path, capsys):
     assert main(["visualize", str(image_path), "--model", TINY_NAME, "--img-size", "64", "--output", str(out),
                  "--setting", "cubist r=9"]) == 2  # fmt: skip
     assert "error" in capsys.readouterr().err
+
+
+def test_token_layout_image_places_mean_colours():
+    from cubistmerge.visualize import token_layout_image
+
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    image[:, 2:] = 200  # right half bright
+    groups = np.array([0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3])
+    as_grid = token_layout_image(groups, (4, 4), image, merged_grid=(2, 2))
+    assert as_grid.shape == (2, 2, 3) and as_grid[0, 0, 0] == 0 and as_grid[0, 1, 0] == 200
+    assert as_grid[1, 1, 2] == 200
+    sequence = token_layout_image(np.array([0, 1, 2, 0]), (2, 2), image[:2, :2], fill=(9, 9, 9))
+    assert sequence.shape == (2, 2, 3) and (sequence[1, 1] == 9).all()  # 3 tokens in a 2x2 block, one cell empty
+    with pytest.raises(ValueError, match="holds 9 tokens"):
+        token_layout_image(groups, (4, 4), image, merged_grid=(3, 3))

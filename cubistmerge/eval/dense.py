@@ -42,8 +42,8 @@ __all__ = [
 REFERENCE = "unmerged"
 METRICS = ("correlation", "mae", "iou")
 
-# The curves ``cubistmerge eval dense`` / ``sweep dense`` measure on ImgFocus (ViT-S/14 on a 16 x 16 grid,
-# 12 blocks): CubistMerge at an early and a middle block, ToMe with constant r, Expedite at the same layers.
+# The curves ``cubistmerge sweep dense`` measures on ImgFocus (ViT-S/14 on a 16 x 16 grid, 12 blocks):
+# CubistMerge at an early and a middle block, ToMe with constant r, Expedite at block 1.
 DENSE_CURVE_SETTINGS: tuple[str, ...] = (
     "cubist r=1 loc=1",
     "cubist r=2 loc=1",
@@ -52,10 +52,21 @@ DENSE_CURVE_SETTINGS: tuple[str, ...] = (
     "cubist r=2 loc=3",
     "cubist r=3 loc=3",
     "cubist r=4 loc=3",
+    "cubist r=1 loc=1 representation=mean",
+    "cubist r=2 loc=1 representation=mean",
+    "cubist r=3 loc=1 representation=mean",
     "tome r=4",
     "tome r=8",
     "tome r=12",
     "tome r=16",
+    "expedite r=1 loc=1",
+    "expedite r=2 loc=1",
+    "expedite r=3 loc=1",
+    # the paper's temperature (0.01 on squared distances) is for larger features than this backbone's (token norms
+    # ~1-10): nearly uniform assignments; 100 makes them as decisive as intended
+    "expedite r=1 loc=1 temperature=100",
+    "expedite r=2 loc=1 temperature=100",
+    "expedite r=3 loc=1 temperature=100",
 )
 
 

