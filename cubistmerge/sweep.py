@@ -21,7 +21,6 @@ own curve).
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
 import datetime as _dt
 import json
@@ -39,7 +38,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .bench import DTYPES, RunStats, Variant, device_name, format_options, jsonable, text_table
+from ._runtime import autocast, parse_dtype, synchronize
+from .bench import RunStats, Variant, device_name, format_options, jsonable, text_table
 from .flops import count_flops
 
 __all__ = [
@@ -290,18 +290,6 @@ def _format_metric(value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
-    # autocast rather than converting weights: the copies keep the given model's parameters
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _time_interleaved(
     modules: Sequence[nn.Module],
     example: torch.Tensor,
@@ -320,16 +308,16 @@ def _time_interleaved(
     device = example.device
     seconds: list[list[float]] = [[] for _ in modules]
     order = list(range(len(modules)))
-    with torch.inference_mode(), _autocast(device, dtype):
+    with torch.inference_mode(), autocast(device, dtype):
         for round_index in tqdm(
             range(warmup + runs), desc="timing", unit="round", disable=None if progress else True, leave=False
         ):
             shift = round_index % len(order)
             for i in order[shift:] + order[:shift]:
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 modules[i](example)
-                _synchronize(device)
+                synchronize(device)
                 if round_index >= warmup:
                     seconds[i].append(time.perf_counter() - start)
     return seconds
@@ -368,12 +356,10 @@ def run_sweep(
     if runs < 1 or warmup < 0:
         raise SweepConfigError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     say = log or (lambda _message: None)
-    if isinstance(dtype, torch.dtype):
-        amp_dtype = dtype
-    elif dtype in DTYPES:
-        amp_dtype = DTYPES[dtype]
-    else:
-        raise SweepConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        amp_dtype = parse_dtype(dtype)
+    except ValueError as error:
+        raise SweepConfigError(str(error)) from None
     variants = [parse_setting(s) if isinstance(s, str) else Variant.coerce(s) for s in settings]
     variants = [v for v in variants if v.method != "none"]
     labels = [v.name for v in variants]

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._runtime import autocast, parse_dtype, synchronize
 from .distributed import (
     DistEnv,
     broadcast_from_main,
@@ -52,7 +53,6 @@ from .distributed import (
     resolve_device,
     shard,
 )
-from .imagenet import _parse_dtype
 
 __all__ = [
     "COCO_TINY_IMAGE_IDS",
@@ -179,23 +179,11 @@ def prepared_coco_images(
     return [preprocess_image(load_image(resolve_image_path(coco_dir, coco.imgs[i]["file_name"]))) for i in ids]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
-    # autocast rather than converting the weights: the model given stays as it is
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _ground_truth_mask(coco: Any, ann: dict[str, Any]) -> np.ndarray:
     """pycocotools' ``annToMask`` (its numpy-2 DeprecationWarning silenced)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return coco.annToMask(ann)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- results
@@ -313,7 +301,7 @@ def evaluate_sam_coco(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    amp_dtype = _parse_dtype(dtype)
+    amp_dtype = parse_dtype(dtype)
     env = init_distributed(device) if distributed is not False else DistEnv()
     device = resolve_device(device, env)
     start = time.perf_counter()
@@ -336,11 +324,11 @@ def evaluate_sam_coco(
                 preprocess_image(load_image(resolve_image_path(coco_dir, coco.imgs[i]["file_name"]))) for i, _ in batch
             ]
             images = torch.stack([p.tensor for p in prepared]).to(device)
-            with torch.no_grad(), _autocast(device, amp_dtype):
-                _synchronize(device)
+            with torch.no_grad(), autocast(device, amp_dtype):
+                synchronize(device)
                 t0 = time.perf_counter()
                 embeddings = model.image_encoder(images)
-                _synchronize(device)
+                synchronize(device)
                 elapsed = time.perf_counter() - t0
                 encoder_seconds += elapsed
                 per_image_ms.append(1000.0 * elapsed / len(batch))
@@ -465,10 +453,10 @@ def sam_encoder_speed(
     patched.to(device).eval()
 
     def timed(encoder: nn.Module) -> float:
-        _synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         encoder(images)
-        _synchronize(device)
+        synchronize(device)
         return time.perf_counter() - t0
 
     base_ms: list[float] = []

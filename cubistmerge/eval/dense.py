@@ -12,7 +12,6 @@ ratio next to the fidelity), which is what ``cubistmerge eval dense`` and ``cubi
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
@@ -25,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .._runtime import autocast, parse_dtype
 from .distributed import DistEnv, broadcast_from_main, gather_records, init_distributed, resolve_device, shard_indices
-from .imagenet import IMAGE_EXTENSIONS, _evaluating, _parse_dtype
+from .imagenet import IMAGE_EXTENSIONS, _evaluating
 from .saliency_metrics import binary_iou, mean_absolute_error, pearson_correlation
 
 __all__ = [
@@ -162,7 +162,7 @@ def evaluate_dense(
         raise ValueError(f"reference {reference!r} is not one of the model labels {list(models)}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-    amp_dtype = _parse_dtype(dtype)
+    amp_dtype = parse_dtype(dtype)
     if isinstance(images, (str, Path)):
         files = image_files(images, max_images)
     else:
@@ -180,18 +180,13 @@ def evaluate_dense(
         pin_memory=device.type == "cuda",
     )
 
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        if amp_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
     records: list[DenseRecord] = []
     bar = tqdm(total=len(loader.dataset), desc="dense eval", unit="img", disable=not (progress and env.is_main))
     try:
         with _evaluating(list(models.values()), device), torch.no_grad():
             for batch, positions in loader:
                 batch = batch.to(device)
-                with autocast():
+                with autocast(device, amp_dtype):
                     maps = {label: model(batch).float() for label, model in models.items()}
                 base = maps[reference]
                 scores = {

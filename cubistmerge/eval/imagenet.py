@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .._runtime import autocast, parse_dtype, synchronize
 from .distributed import (
     DistEnv,
     broadcast_from_main,
@@ -75,15 +76,6 @@ LABEL_FILE_NAMES = ("labels.txt",)
 SYNSET_FILE_NAMES = ("synset_words.txt", "synsets.txt", "LOC_synset_mapping.txt")
 TOP_K = 5
 _WNID = re.compile(r"n\d{8}")
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 
 
 # --------------------------------------------------------------------------- label and synset files
@@ -535,17 +527,6 @@ class ImageNetResult:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or the torch dtype), got {dtype!r}") from None
-
-
 def _named_models(models: nn.Module | Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     named = {"model": models} if isinstance(models, nn.Module) else dict(models)
     if not named:
@@ -556,11 +537,6 @@ def _named_models(models: nn.Module | Mapping[str, nn.Module]) -> dict[str, nn.M
         if not isinstance(model, nn.Module):
             raise TypeError(f"models[{label!r}] must be a torch.nn.Module, got {type(model).__name__}")
     return named
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -664,7 +640,7 @@ def evaluate_imagenet(
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if max_images is not None and max_images < 0:
         raise ValueError(f"max_images must be >= 0, got {max_images}")
-    amp_dtype = _parse_dtype(dtype)
+    amp_dtype = parse_dtype(dtype)
     if isinstance(reference, str) and reference not in named:
         raise ValueError(f"reference {reference!r} is not one of the model labels {list(named)}")
 
@@ -710,12 +686,6 @@ def evaluate_imagenet(
         pin_memory=device.type == "cuda",
     )
 
-    def autocast() -> contextlib.AbstractContextManager[Any]:
-        # Autocast rather than converting the weights: the given models must not change.
-        if amp_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
     records: list[SampleRecord] = []
     forward_seconds = dict.fromkeys(named, 0.0)
     shown, shown_correct = first, 0  # running top-1 of one model for the progress bar
@@ -728,11 +698,11 @@ def evaluate_imagenet(
                 images = images.to(device, non_blocking=True)
                 top: dict[str, list[list[int]]] = {}
                 for label, model in named.items():
-                    _synchronize(device)
+                    synchronize(device)
                     t0 = time.perf_counter()
-                    with autocast():
+                    with autocast(device, amp_dtype):
                         logits = model(images)
-                    _synchronize(device)
+                    synchronize(device)
                     forward_seconds[label] += time.perf_counter() - t0
                     top[label] = _top_classes(logits, label, targets, positions, dataset)
                 for row, (target, position) in enumerate(zip(targets.tolist(), positions.tolist(), strict=True)):

@@ -177,9 +177,7 @@ def merge_sequences(
     """
     M, N, _ = x.shape
     if not 0 <= r <= N // 2:
-        raise ValueError(
-            f"one pass can remove 0 to N // 2 = {N // 2} tokens from a sequence of N = {N}, got r = {r}"
-        )
+        raise ValueError(f"one pass can remove 0 to N // 2 = {N // 2} tokens from a sequence of N = {N}, got r = {r}")
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
     if size is None:
@@ -286,9 +284,7 @@ def cubist_merge(
     # Height pass: every column of the (H, W') result is a sequence over h.
     columns = rows.reshape(B, H, Wm, C).transpose(1, 2).reshape(B * Wm, H, C)
     column_size = row_size.reshape(B, H, Wm).transpose(1, 2).reshape(B * Wm, H)
-    cols, col_index, _ = merge_sequences(
-        columns, r_h, representation=representation, metric=metric, size=column_size
-    )
+    cols, col_index, _ = merge_sequences(columns, r_h, representation=representation, metric=metric, size=column_size)
     merged = cols.reshape(B, Wm, Hm, C).transpose(1, 2).contiguous()
 
     # Original (h, w) -> (h, w') in the width pass -> (h', w') in the height pass.

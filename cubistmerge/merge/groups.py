@@ -162,6 +162,4 @@ def reduce_pairwise_bias(bias: torch.Tensor, index: torch.Tensor, num_out: int) 
     # -inf start and include_self=True: see merge_groups (exact gradients for a learned bias).
     by_key = bias.new_full((B, heads, N, num_out), float("-inf")).scatter_reduce_(3, key_index, bias, "amax")
     query_index = index.view(B, 1, N, 1).expand(B, heads, N, num_out)
-    return by_key.new_full((B, heads, num_out, num_out), float("-inf")).scatter_reduce_(
-        2, query_index, by_key, "amax"
-    )
+    return by_key.new_full((B, heads, num_out, num_out), float("-inf")).scatter_reduce_(2, query_index, by_key, "amax")

@@ -150,8 +150,13 @@ def tome_schedule(r: RSchedule, num_layers: int) -> list[int]:
     if isinstance(r, int):
         values = [r] * num_layers
     elif isinstance(r, tuple):
-        if len(r) != 2 or isinstance(r[0], bool) or not isinstance(r[0], int) \
-                or isinstance(r[1], bool) or not isinstance(r[1], float | int):
+        if (
+            len(r) != 2
+            or isinstance(r[0], bool)
+            or not isinstance(r[0], int)
+            or isinstance(r[1], bool)
+            or not isinstance(r[1], float | int)
+        ):
             raise ValueError(
                 f"a tuple r must be (r: int, inflection: float), got {r!r}; use a list for per-block values"
             )
@@ -168,9 +173,7 @@ def tome_schedule(r: RSchedule, num_layers: int) -> list[int]:
             raise ValueError(f"the r list has {len(r)} entries but the model has {num_layers} blocks")
         values = list(r) + [0] * (num_layers - len(r))
     else:
-        raise ValueError(
-            f"r must be an int, a tuple (r, inflection), or a list of per-block ints; got {r!r}"
-        )
+        raise ValueError(f"r must be an int, a tuple (r, inflection), or a list of per-block ints; got {r!r}")
     if any(v < 0 for v in values):
         raise ValueError(f"r must not be negative, got schedule {values}")
     return values

@@ -86,8 +86,16 @@ _ATTENTIONS = tuple(cls for cls in (EvaAttention, _AttentionRope) if cls is not 
 # patching refuses instead of silently ignoring it.
 _FEATURES_PARAMS = ("self", "x", "attn_mask", "is_causal")
 _INTERMEDIATES_PARAMS = (
-    "self", "x", "indices", "return_prefix_tokens", "norm", "stop_early", "output_fmt",
-    "intermediates_only", "attn_mask", "is_causal",
+    "self",
+    "x",
+    "indices",
+    "return_prefix_tokens",
+    "norm",
+    "stop_early",
+    "output_fmt",
+    "intermediates_only",
+    "attn_mask",
+    "is_causal",
 )
 # The block forwards that tome_block_forward splits between attention and MLP.
 _BLOCK_PARAMS = ("self", "x", "rope", "attn_mask", "is_causal")
@@ -196,9 +204,7 @@ def regular_grid_coordinates(
     return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).reshape(Hm * Wm, 2)
 
 
-def member_mean_coordinates(
-    groups: torch.Tensor, num_prefix: int, grid: tuple[int, int], num_out: int
-) -> torch.Tensor:
+def member_mean_coordinates(groups: torch.Tensor, num_prefix: int, grid: tuple[int, int], num_out: int) -> torch.Tensor:
     """(B, N', 2) mean (row, column) of the original patches behind every current patch token.
 
     Args:

@@ -104,8 +104,13 @@ class _MergingSAM:
         x = _embed(self, x)
         grid = x
         x, intermediates, recover = run_blocks(
-            self.blocks, x, options, RUNNER,
-            take_indices=take_indices, last_block=last_block, checkpointing=checkpointing,
+            self.blocks,
+            x,
+            options,
+            RUNNER,
+            take_indices=take_indices,
+            last_block=last_block,
+            checkpointing=checkpointing,
         )
         if options.method.trace_source:
             store_grid_source(self, recover, grid)

@@ -239,7 +239,6 @@ class _MergingTinyVit:
             x = recover(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x
 
-
     def _tome_features(self, x: torch.Tensor, options: ToMeOptions) -> torch.Tensor:
         x = self.patch_embed(x)
         index = 0

@@ -42,8 +42,17 @@ SUPPORTED_METHODS = ("cubist", "tome", "expedite")
 # patching refuses instead of silently ignoring it.
 _FEATURES_PARAMS = ("self", "x", "attn_mask", "is_causal")
 _INTERMEDIATES_PARAMS = (
-    "self", "x", "indices", "return_prefix_tokens", "norm", "stop_early", "output_fmt",
-    "intermediates_only", "output_dict", "attn_mask", "is_causal",
+    "self",
+    "x",
+    "indices",
+    "return_prefix_tokens",
+    "norm",
+    "stop_early",
+    "output_fmt",
+    "intermediates_only",
+    "output_dict",
+    "attn_mask",
+    "is_causal",
 )
 
 
@@ -257,8 +266,9 @@ class _MergingViT:
             else:
                 r = options.r_schedule[i]
                 if checkpointing:
-                    x, state = checkpoint(tome_block_forward, block, x, state, r, options, is_causal,
-                                          use_reentrant=False)
+                    x, state = checkpoint(
+                        tome_block_forward, block, x, state, r, options, is_causal, use_reentrant=False
+                    )
                 else:
                     x, state = tome_block_forward(block, x, state, r, options, is_causal)
             if take_indices is not None and i in take_indices:
