@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from torch import nn
 from cubistmerge.cli import main
 from cubistmerge.eval.dense import DENSE_CURVE_SETTINGS, evaluate_dense, image_files
 
-from ..models._shared import needs_assets
+from ..models._shared import ASSETS, needs_assets
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
@@ -134,6 +136,9 @@ def test_torchrun_eval_dense_equals_one_process(tmp_path):
     def run(prefix: list[str], out: str) -> dict:
         env = {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARS}
         env["OMP_NUM_THREADS"] = "1"
+        # the child processes must find this checkout's package and the assets this test found
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        env["CUBISTMERGE_ASSETS"] = str(ASSETS)
         command = [*prefix, "-m", "cubistmerge", "eval", "dense", "--max-images", "3", "--batch-size", "1",
                    "--runs", "1", "--warmup", "0", "--setting", "cubist r=2 loc=1", "--no-progress",
                    "--json", str(tmp_path / out)]  # fmt: skip
