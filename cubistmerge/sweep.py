@@ -244,8 +244,13 @@ class SweepResult:
             "FLOP ratio = unmerged FLOPs / FLOPs; efficiency = speed-up / FLOP ratio\n"
         )
 
-    def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:
-        """Write a PNG: the primary metric against the speed-up and against the FLOP ratio, one curve per series."""
+    def plot(
+        self, path: str | os.PathLike[str], title: str | None = None, ylim: tuple[float, float] | None = None
+    ) -> None:
+        """Write a PNG: the primary metric against the speed-up and against the FLOP ratio, one curve per series.
+
+        ``ylim`` zooms the quality axis (points outside it are left out of view, say so in the title).
+        """
         import matplotlib
 
         matplotlib.use("Agg")
@@ -272,6 +277,8 @@ class SweepResult:
                 )
             axis.set_xlabel(x_label)
             axis.grid(True, alpha=0.3)
+            if ylim is not None:
+                axis.set_ylim(*ylim)
         axes[0].set_ylabel(self.primary_metric)
         axes[1].legend(fontsize=8, loc="best")
         axes[0].plot([1.0], [reference], marker="*", markersize=12, color="0.3", linestyle="none")
