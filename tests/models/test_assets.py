@@ -31,9 +31,19 @@ def test_missing_override_names_both_places(tmp_path, monkeypatch):
     assert str(missing) in message and str(assets.default_assets_dir()) in message and assets.ENV_VAR in message
 
 
+def test_working_directory_fallback(tmp_path, monkeypatch):
+    (tmp_path / "shared" / "assets").mkdir(parents=True)
+    (tmp_path / "checkout").mkdir()
+    monkeypatch.delenv(assets.ENV_VAR, raising=False)
+    monkeypatch.setattr(assets, "default_assets_dir", lambda: tmp_path / "absent")
+    monkeypatch.chdir(tmp_path / "checkout")
+    assert assets.assets_dir() == tmp_path / "shared" / "assets"
+
+
 def test_missing_default_names_both_places(tmp_path, monkeypatch):
     monkeypatch.delenv(assets.ENV_VAR, raising=False)
     monkeypatch.setattr(assets, "default_assets_dir", lambda: tmp_path / "absent")
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as error:
         assets.assets_dir()
     message = str(error.value)
