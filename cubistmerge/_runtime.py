@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from typing import Any
 
 import torch
 
-__all__ = ["DTYPES", "autocast", "parse_dtype", "synchronize"]
+__all__ = ["DTYPES", "autocast", "cpu_snapshot", "foreign_cpu_load", "parse_dtype", "synchronize"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -42,3 +44,31 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall clock s, busy CPU s of the whole machine, CPU s of this process), or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    values = [int(v) for v in fields[1:]]
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
+    busy = sum(values[:3]) + sum(values[5:8])
+    own = os.times()
+    return time.perf_counter(), busy / ticks, own.user + own.system
+
+
+def foreign_cpu_load(
+    before: tuple[float, float, float] | None, after: tuple[float, float, float] | None
+) -> float | None:
+    """Average number of CPUs kept busy by anything but this process between two snapshots."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    wall = after[0] - before[0]
+    foreign = (after[1] - before[1]) - (after[2] - before[2])
+    return max(foreign, 0.0) / wall

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._runtime import DTYPES, synchronize
+from ._runtime import DTYPES, cpu_snapshot, foreign_cpu_load, synchronize
 from .flops import count_flops
 from .patch import METHODS as PATCH_METHODS
 
@@ -361,34 +361,6 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall clock s, busy CPU s of the whole machine, CPU s of this process), or None off Linux."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = f.readline().split()
-        ticks = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not fields or fields[0] != "cpu" or len(fields) < 5:
-        return None
-    values = [int(v) for v in fields[1:]]
-    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user/nice]
-    busy = sum(values[:3]) + sum(values[5:8])
-    own = os.times()
-    return time.perf_counter(), busy / ticks, own.user + own.system
-
-
-def _foreign_cpu_load(
-    before: tuple[float, float, float] | None, after: tuple[float, float, float] | None
-) -> float | None:
-    """Average number of CPUs kept busy by anything but this process between two snapshots."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    wall = after[0] - before[0]
-    foreign = (after[1] - before[1]) - (after[2] - before[2])
-    return max(foreign, 0.0) / wall
-
-
 def _timm_version() -> str:
     import timm
 
@@ -699,7 +671,7 @@ def benchmark(
         tokens.append(block_tokens)
 
     times: list[list[float]] = [[] for _ in models]
-    cpu_before = _cpu_snapshot()
+    cpu_before = cpu_snapshot()
     with torch.inference_mode():
         say(f"warming up ({warmup} rounds)")
         for _ in range(warmup):
@@ -712,7 +684,7 @@ def benchmark(
             for i, model in enumerate(models):
                 times[i].append(_timed_forward(model, images, dev))
         bar.close()
-        foreign = _foreign_cpu_load(cpu_before, _cpu_snapshot())
+        foreign = foreign_cpu_load(cpu_before, cpu_snapshot())
         if foreign is not None and foreign > 0.25:
             say(
                 f"note: other processes kept {foreign:.2f} CPUs busy while timing; "

@@ -38,8 +38,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ._runtime import autocast, parse_dtype, synchronize
-from .bench import RunStats, Variant, device_name, format_options, jsonable, text_table
+from ._runtime import autocast, cpu_snapshot, foreign_cpu_load, parse_dtype, synchronize
+from .bench import (
+    RunStats,
+    Variant,
+    device_name,
+    format_options,
+    jsonable,
+    text_table,
+)
 from .flops import count_flops
 
 __all__ = [
@@ -398,7 +405,11 @@ def run_sweep(
 
     say(f"timing {len(copies)} copies: {warmup} warm-up + {runs} interleaved rounds")
     modules = [task.speed_module(m).to(example.device) for m in copies.values()]
+    before = cpu_snapshot()
     seconds = _time_interleaved(modules, example, runs, warmup, progress, amp_dtype)
+    foreign = foreign_cpu_load(before, cpu_snapshot())
+    if foreign is not None and foreign > 0.25:
+        say(f"note: other processes kept {foreign:.2f} CPUs busy while timing; the speed-ups are noisy")
     times = dict(zip(copies, seconds, strict=True))
 
     say("evaluating")
@@ -433,6 +444,7 @@ def run_sweep(
         "runs": runs,
         "warmup": warmup,
         "threads": torch.get_num_threads(),
+        "foreign_cpu_load": foreign,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": command or shlex.join([os.path.basename(sys.executable), *sys.argv]),

@@ -8,12 +8,12 @@ import pytest
 import timm
 import torch
 
+from cubistmerge._runtime import foreign_cpu_load
 from cubistmerge.bench import (
     BenchConfigError,
     BenchResult,
     RunStats,
     Variant,
-    _foreign_cpu_load,
     _union_length,
     benchmark,
     build_model,
@@ -174,11 +174,11 @@ def test_union_length_counts_nested_scopes_once():
     assert _union_length([(5, 8), (0, 6)]) == 8
 
 
-def test_foreign_cpu_load():
+def testforeign_cpu_load():
     # 10 s wall, the machine was busy 15 CPU-s of which this process used 12 -> 0.3 CPUs elsewhere
-    assert _foreign_cpu_load((0.0, 100.0, 5.0), (10.0, 115.0, 17.0)) == pytest.approx(0.3)
-    assert _foreign_cpu_load((0.0, 100.0, 5.0), (10.0, 110.0, 17.0)) == 0.0  # clock granularity
-    assert _foreign_cpu_load(None, (1.0, 1.0, 1.0)) is None
+    assert foreign_cpu_load((0.0, 100.0, 5.0), (10.0, 115.0, 17.0)) == pytest.approx(0.3)
+    assert foreign_cpu_load((0.0, 100.0, 5.0), (10.0, 110.0, 17.0)) == 0.0  # clock granularity
+    assert foreign_cpu_load(None, (1.0, 1.0, 1.0)) is None
 
 
 def test_variant_coercion_and_names():
