@@ -167,54 +167,11 @@ def _existing_file(text: str) -> str:
     return text
 
 
-# --------------------------------------------------------------------------- bench
-
-
-BENCH_DESCRIPTION = """\
-Measure inference throughput (images/s) of a timm model without token merging (the baseline) and
-with each requested merge method. All copies share the same weights and run in one process,
-interleaved round robin after warm-up, so they see the same machine conditions.
-
-The table reports, per variant: images/s (median, quartiles, extremes over the timed runs), the
-speed-up over the baseline (ratio of medians), GFLOPs per image, the FLOP ratio (baseline FLOPs /
-variant FLOPs), the efficiency (speed-up / FLOP ratio; 1.0 means wall-clock time shrank as much as
-the FLOPs did) and the merge time (share of one profiled forward pass spent merging tokens).
-
-Weights are random unless --checkpoint or --pretrained is given: throughput does not depend on them
-(accuracy is not measured here)."""
-
-BENCH_EPILOG = """\
-examples:
-  cubistmerge bench                                   # deit_small, CubistMerge r=1 at block 1 vs ToMe r=8
-  cubistmerge bench --model deit_base_patch16_224 --method cubist --cubist-r 2,2 --runs 15
-  cubistmerge bench --method cubist --cubist-stages 1:1:1,6:1:1 --method tome --tome-r 8,-0.5
-  cubistmerge bench --method none --runs 20           # A/A control: the speed-up should be ~1
-  cubistmerge bench --device cuda --dtype bfloat16 --batch-size 64 --json bench.json --markdown bench.md
-"""
-
-
-def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import DTYPES
+def _add_method_flags(
+    parser: argparse.ArgumentParser, family_flags: Sequence[str] = (), expedite: bool = False
+) -> None:
+    """The options of each merge method, one argument group per method (bench and every evaluation)."""
     from .merge import METRICS, REPRESENTATIONS
-
-    what = parser.add_argument_group("what to measure")
-    what.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="NAME",
-        help="timm model name; the merge methods need a plain ViT/DeiT (default: %(default)s)",
-    )
-    what.add_argument(
-        "--method",
-        dest="methods",
-        action="extend",
-        nargs="+",
-        choices=("none", "cubist", "tome", "expedite"),
-        metavar="{none,cubist,tome,expedite}",
-        default=None,
-        help="merge method(s) to compare with the baseline; repeatable or several at once. 'none' adds an "
-        "unpatched copy as an A/A control for timing noise (default: cubist tome)",
-    )
 
     cubist = parser.add_argument_group("CubistMerge options (--method cubist)")
     cubist.add_argument(
@@ -252,19 +209,21 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="similarity used to pick neighbours to merge (default: the patch's, cosine)",
     )
-    cubist.add_argument(
-        "--windows",
-        choices=("window", "grid"),
-        default=None,
-        help="SAM / TinyViT models: reduce inside every attention window, or the whole grid (default: window)",
-    )
-    cubist.add_argument(
-        "--rope",
-        choices=("grid", "tokens"),
-        default=None,
-        help="RoPE models (DINOv3, EVA-02): positions of merged tokens, a regular reduced grid or each "
-        "group's mean coordinates (default: grid)",
-    )
+    if "windows" in family_flags:
+        cubist.add_argument(
+            "--windows",
+            choices=("window", "grid"),
+            default=None,
+            help="SAM / TinyViT models: reduce inside every attention window, or the whole grid (default: window)",
+        )
+    if "rope" in family_flags:
+        cubist.add_argument(
+            "--rope",
+            choices=("grid", "tokens"),
+            default=None,
+            help="RoPE models (DINOv3, EVA-02): positions of merged tokens, a regular reduced grid or each "
+            "group's mean coordinates (default: grid)",
+        )
 
     tome = parser.add_argument_group("ToMe options (--method tome)")
     tome.add_argument(
@@ -281,7 +240,76 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="disable proportional attention (the log-size attention bias of merged tokens)",
     )
 
-    _add_expedite_flags(parser.add_argument_group("Expedite options (--method expedite)"))
+    if expedite:
+        _add_expedite_flags(parser.add_argument_group("Expedite options (--method expedite)"))
+
+
+def _add_weights_arguments(group: Any) -> None:
+    """--checkpoint or --pretrained for a timm model (random weights without either)."""
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--checkpoint",
+        type=_existing_file,
+        default=None,
+        metavar="PATH",
+        help="load this state_dict file into the model (timm's load_checkpoint) instead of random weights",
+    )
+    weights.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="use timm's pretrained weights (must already be in the local cache when offline)",
+    )
+
+
+# --------------------------------------------------------------------------- bench
+
+
+BENCH_DESCRIPTION = """\
+Measure inference throughput (images/s) of a timm model without token merging (the baseline) and
+with each requested merge method. All copies share the same weights and run in one process,
+interleaved round robin after warm-up, so they see the same machine conditions.
+
+The table reports, per variant: images/s (median, quartiles, extremes over the timed runs), the
+speed-up over the baseline (ratio of medians), GFLOPs per image, the FLOP ratio (baseline FLOPs /
+variant FLOPs), the efficiency (speed-up / FLOP ratio; 1.0 means wall-clock time shrank as much as
+the FLOPs did) and the merge time (share of one profiled forward pass spent merging tokens).
+
+Weights are random unless --checkpoint or --pretrained is given: throughput does not depend on them
+(accuracy is not measured here)."""
+
+BENCH_EPILOG = """\
+examples:
+  cubistmerge bench                                   # deit_small, CubistMerge r=1 at block 1 vs ToMe r=8
+  cubistmerge bench --model deit_base_patch16_224 --method cubist --cubist-r 2,2 --runs 15
+  cubistmerge bench --method cubist --cubist-stages 1:1:1,6:1:1 --method tome --tome-r 8,-0.5
+  cubistmerge bench --method none --runs 20           # A/A control: the speed-up should be ~1
+  cubistmerge bench --device cuda --dtype bfloat16 --batch-size 64 --json bench.json --markdown bench.md
+"""
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import DTYPES
+
+    what = parser.add_argument_group("what to measure")
+    what.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="NAME",
+        help="timm model name; the merge methods need a plain ViT/DeiT (default: %(default)s)",
+    )
+    what.add_argument(
+        "--method",
+        dest="methods",
+        action="extend",
+        nargs="+",
+        choices=("none", "cubist", "tome", "expedite"),
+        metavar="{none,cubist,tome,expedite}",
+        default=None,
+        help="merge method(s) to compare with the baseline; repeatable or several at once. 'none' adds an "
+        "unpatched copy as an A/A control for timing noise (default: cubist tome)",
+    )
+
+    _add_method_flags(parser, family_flags=("windows", "rope"), expedite=True)
 
     setup = parser.add_argument_group("setup")
     setup.add_argument(
@@ -332,19 +360,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="CPU threads for torch (torch.set_num_threads; default: torch's choice)",
     )
-    weights = setup.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--checkpoint",
-        type=_existing_file,
-        default=None,
-        metavar="PATH",
-        help="load this state_dict file into the model (timm's load_checkpoint) instead of random weights",
-    )
-    weights.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="use timm's pretrained weights (must already be in the local cache when offline)",
-    )
+    _add_weights_arguments(setup)
 
     output = parser.add_argument_group("output")
     output.add_argument("--json", type=_output_path, default=None, metavar="PATH", help="also write the result as JSON")
@@ -597,7 +613,6 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
-    from .merge import METRICS, REPRESENTATIONS
 
     data = parser.add_argument_group("data and weights")
     data.add_argument(
@@ -650,44 +665,7 @@ def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="merge method applied with cubistmerge.patch(model.image_encoder, ...) (default: %(default)s)",
     )
-    method.add_argument(
-        "--cubist-r",
-        type=parse_cubist_r,
-        default=None,
-        metavar="R",
-        help=f"CubistMerge: tokens removed per column and per row: an int, 'r_h,r_w' or a float fraction of the "
-        f"grid side (default: {DEFAULT_CUBIST_R})",
-    )
-    method.add_argument(
-        "--cubist-loc",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help=f"CubistMerge: index of the block whose input is reduced (default: {DEFAULT_CUBIST_LOC})",
-    )
-    method.add_argument(
-        "--cubist-stages",
-        type=parse_cubist_stages,
-        default=None,
-        metavar="LOC:RH:RW,...",
-        help="CubistMerge: several reductions instead of --cubist-r/--cubist-loc",
-    )
-    method.add_argument("--representation", choices=REPRESENTATIONS, default=None, help="CubistMerge: merged value")
-    method.add_argument("--metric", choices=METRICS, default=None, help="CubistMerge: neighbour similarity")
-    method.add_argument(
-        "--windows",
-        choices=("window", "grid"),
-        default=None,
-        help="CubistMerge on TinyViT: reduce inside every attention window, or the whole grid (default: window)",
-    )
-    method.add_argument(
-        "--tome-r",
-        type=parse_tome_r,
-        default=None,
-        metavar="R",
-        help=f"ToMe: tokens merged per block: an int, 'r,inflection' or a per-block list (default: {DEFAULT_TOME_R})",
-    )
-    method.add_argument("--no-prop-attn", action="store_true", help="ToMe: disable proportional attention")
+    _add_method_flags(parser, family_flags=("windows",))
 
     curves = parser.add_argument_group("speed / mIoU curves (instead of one --method)")
     curves.add_argument(
@@ -891,43 +869,10 @@ SETTING_HELP = (
 
 def _add_setting_arguments(parser: argparse.ArgumentParser, methods: Sequence[str]) -> None:
     """The settings a sweep measures: one from --method and its flags, any --setting, and/or --curves."""
-    from .merge import METRICS, REPRESENTATIONS
 
     group = parser.add_argument_group("settings (the unmerged model is always measured as the reference)")
     group.add_argument("--method", choices=("none", *methods), default="none", help="one setting from the flags below")
-    group.add_argument(
-        "--cubist-r",
-        type=parse_cubist_r,
-        default=None,
-        metavar="R",
-        help=f"CubistMerge: r (int, 'r_h,r_w' or a fraction of the grid side; default {DEFAULT_CUBIST_R})",
-    )
-    group.add_argument(
-        "--cubist-loc",
-        type=_non_negative_int,
-        default=None,
-        metavar="N",
-        help=f"CubistMerge: block whose input is reduced (default {DEFAULT_CUBIST_LOC})",
-    )
-    group.add_argument(
-        "--cubist-stages",
-        type=parse_cubist_stages,
-        default=None,
-        metavar="LOC:RH:RW,...",
-        help="CubistMerge: several reductions instead of --cubist-r/--cubist-loc",
-    )
-    group.add_argument("--representation", choices=REPRESENTATIONS, default=None, help="CubistMerge: merged value")
-    group.add_argument("--metric", choices=METRICS, default=None, help="CubistMerge: neighbour similarity")
-    group.add_argument(
-        "--tome-r",
-        type=parse_tome_r,
-        default=None,
-        metavar="R",
-        help=f"ToMe: tokens merged per block (int, 'r,inflection' or a list; default {DEFAULT_TOME_R})",
-    )
-    group.add_argument("--no-prop-attn", action="store_true", help="ToMe: disable proportional attention")
-    if "expedite" in methods:
-        _add_expedite_flags(group)
+    _add_method_flags(parser, expedite="expedite" in methods)
     group.add_argument("--setting", action="append", default=None, metavar="'METHOD key=value ...'", help=SETTING_HELP)
     group.add_argument("--curves", action="store_true", help="add the built-in curve settings of this task")
     timing = parser.add_argument_group("timing")
@@ -1178,19 +1123,7 @@ def _add_eval_imagenet_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="only the first N images (label-file order, or class folder then file name)",
     )
-    weights = data.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--checkpoint",
-        type=_existing_file,
-        default=None,
-        metavar="PATH",
-        help="load this state_dict file (timm's load_checkpoint)",
-    )
-    weights.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="timm's pretrained weights (must already be in the local cache when offline)",
-    )
+    _add_weights_arguments(data)
     _add_setting_arguments(parser, ("cubist", "tome", "expedite"))
     _add_run_arguments(parser, batch_size=32)
 
