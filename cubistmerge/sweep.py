@@ -59,6 +59,7 @@ __all__ = [
     "parse_setting",
     "run_sweep",
     "series_of",
+    "time_interleaved",
 ]
 
 METHOD_NAMES = {"none": "unmerged", "cubist": "CubistMerge", "tome": "ToMe", "expedite": "Expedite"}
@@ -304,7 +305,7 @@ def _format_metric(value: float | None) -> str:
     return f"{value:.4f}"
 
 
-def _time_interleaved(
+def time_interleaved(
     modules: Sequence[nn.Module],
     example: torch.Tensor,
     runs: int,
@@ -406,7 +407,7 @@ def run_sweep(
     say(f"timing {len(copies)} copies: {warmup} warm-up + {runs} interleaved rounds")
     modules = [task.speed_module(m).to(example.device) for m in copies.values()]
     before = cpu_snapshot()
-    seconds = _time_interleaved(modules, example, runs, warmup, progress, amp_dtype)
+    seconds = time_interleaved(modules, example, runs, warmup, progress, amp_dtype)
     foreign = foreign_cpu_load(before, cpu_snapshot())
     if foreign is not None and foreign > 0.25:
         say(f"note: other processes kept {foreign:.2f} CPUs busy while timing; the speed-ups are noisy")

@@ -704,7 +704,6 @@ def visualize_methods(
         # Only CubistMerge lays its tokens out as a grid; for ToMe a chance match of the border test means nothing.
         layout = merged_grid_of(groups, grid) if method == "cubist" else None
         results.append(MethodGroups(label or describe(method, options), method, dict(options), groups, grid, layout))
-        grid_size = grid
 
     # Drawn larger than the model input, so one-pixel borders stay thin next to the patches.
     scale = max(1, -(-_MIN_PANEL_PIXELS // min(shown.shape[:2])))
@@ -724,6 +723,7 @@ def visualize_methods(
         )
         panels.append((_panel_title(result, mode), drawn))
     # What the later blocks hold: a grid of tokens (a small picture) or an unordered sequence.
+    grid_size = results[0].grid  # the patch grid, the same for every method
     patches = token_layout_image(np.arange(grid_size[0] * grid_size[1]), grid_size, shown, grid_size)
     layouts = [(f"the {patches.shape[0]}x{patches.shape[1]} patch tokens (mean colours)", patches)]
     for result in results:

@@ -452,29 +452,16 @@ def sam_encoder_speed(
     baseline.to(device).eval()
     patched.to(device).eval()
 
-    def timed(encoder: nn.Module) -> float:
-        synchronize(device)
-        t0 = time.perf_counter()
-        encoder(images)
-        synchronize(device)
-        return time.perf_counter() - t0
+    from ..sweep import time_interleaved
 
-    base_ms: list[float] = []
-    patched_ms: list[float] = []
     with torch.no_grad():
         reference = baseline(images).float()
         output = patched(images).float()
         relative_error = float((output - reference).norm() / reference.norm().clamp_min(1e-30))
-        for round_index in range(warmup + runs):
-            if round_index % 2 == 0:
-                base_seconds = timed(baseline)
-                patched_seconds = timed(patched)
-            else:
-                patched_seconds = timed(patched)
-                base_seconds = timed(baseline)
-            if round_index >= warmup:
-                base_ms.append(1000.0 * base_seconds / images.shape[0])
-                patched_ms.append(1000.0 * patched_seconds / images.shape[0])
+    # two modules: the rotating order alternates which one goes first
+    base_s, patched_s = time_interleaved([baseline, patched], images, runs, warmup, progress=False)
+    base_ms = [1000.0 * t / images.shape[0] for t in base_s]
+    patched_ms = [1000.0 * t / images.shape[0] for t in patched_s]
     baseline_stats, patched_stats = RunStats.of(base_ms), RunStats.of(patched_ms)
     return EncoderSpeedResult(
         baseline_ms=baseline_stats,
