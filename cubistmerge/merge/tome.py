@@ -1,22 +1,52 @@
 """ToMe baseline: bipartite soft matching with size tracking (Bolya et al., ICLR 2023).
 
-Written from the paper's description. Tokens are merged by a size-weighted
-average; the sizes feed proportional attention (``log(size)`` added to the
-attention logits). Prefix tokens (class, distillation, registers) take no part
-in the matching: they are never merged away and never receive a merge.
+The default follows what the authors' released code (facebookresearch/ToMe,
+``tome/merge.py`` and ``tome/patch/timm.py``) computes, token order included,
+because users compare against that code and the paper's numbers come from it:
+
+- The *current* sequence alternates into set A (positions 0, 2, 4, ...) and
+  set B (1, 3, 5, ...), prefix tokens included. Protected tokens (class,
+  distillation, registers: the first ``num_protected``) take part in no match:
+  an A row of a protected token scores -inf (the class token), a B column of a
+  protected token scores -inf (the distillation token, at B's first place).
+- Every A token finds its most similar B token (cosine); the ``r`` A tokens
+  with the highest such score merge into their partners (size-weighted mean).
+- The output is re-ordered: [protected tokens] + [A tokens that did not merge]
+  + [all B tokens, in their order]. With protected tokens the kept A tokens
+  keep their order; without any they come in descending order of their best
+  score (the authors' code sorts them only when a class token is present). So
+  from the second block on the A/B partition runs over that re-ordered
+  sequence, and the tokens are no longer in spatial order; the index maps
+  below record where every token went, so unmerging and source tracing follow.
+
+The authors' code knows a class and a distillation token only; here every
+prefix token is protected the same way (registers too), which reproduces it
+exactly for one or two prefix tokens and keeps registers out of the matching.
+Its sort is not stable; ties (absent for continuous inputs) go to the lower A
+token here.
+
+``order="spatial"`` is this library's earlier variant: the alternation starts
+at the first unprotected token and survivors keep their relative order, so
+tokens stay in reading order (handy for inspecting them; ToMe inside SAM
+windows uses whichever, as it unmerges right away).
+
+Tokens are merged by a size-weighted average; the sizes feed proportional
+attention (``log(size)`` added to the attention logits).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
-from .groups import merge_groups, scatter_into, score_dtype, slots_after_removal
+from .groups import merge_groups, scatter_into, score_dtype
 
 _COSINE_EPS = 1e-12
 
 RSchedule = int | tuple[int, float] | list[int]
+TokenOrder = Literal["official", "spatial"]
+TOKEN_ORDERS: tuple[str, ...] = ("official", "spatial")
 
 
 def max_tome_r(num_tokens: int, num_protected: int) -> int:
@@ -31,61 +61,99 @@ class BipartiteMatch(NamedTuple):
     sources: torch.Tensor  # (B, r) long, positions merged away (set A)
     destinations: torch.Tensor  # (B, r) long, the set-B position each source merges into
     removed: torch.Tensor  # (B, N) bool, True at the sources
+    survivors: torch.Tensor  # (B, N - r) long, the input position that holds each output slot
 
 
-def match_bipartite(metric: torch.Tensor, r: int, *, num_protected: int = 0) -> BipartiteMatch:
-    """Choose which tokens merge, ToMe style.
+def _cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, Na, C) x (B, Nb, C) -> (B, Na, Nb) cosine similarities."""
+    norm_a = torch.linalg.vector_norm(a, dim=-1)
+    norm_b = torch.linalg.vector_norm(b, dim=-1)
+    return (a @ b.transpose(1, 2)) / (norm_a.unsqueeze(-1) * norm_b.unsqueeze(-2)).clamp_min(_COSINE_EPS)
 
-    The unprotected tokens alternate into set A (first, third, ...) and set B.
-    Every A token finds its most similar B token (cosine; ties go to the lower
-    B token); the ``r`` A tokens with the highest such similarity merge into
-    their B partner (ties go to the lower A token). Survivors keep their order.
+
+def _slots_of(survivors: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor, N: int) -> torch.Tensor:
+    """(B, N) slot of every token: survivors at their place in ``survivors``, sources at their destination's."""
+    B, kept = survivors.shape
+    slots = torch.arange(kept, device=survivors.device).expand(B, kept)
+    index = survivors.new_zeros(B, N).scatter(1, survivors, slots)
+    return index.scatter(1, sources, index.gather(1, destinations))
+
+
+def match_bipartite(
+    metric: torch.Tensor, r: int, *, num_protected: int = 0, order: TokenOrder = "official"
+) -> BipartiteMatch:
+    """Choose which tokens merge, and where every token goes, ToMe style.
+
+    ``order="official"`` (default): the authors' code (see the module
+    docstring): A = positions 0, 2, ..., B = 1, 3, ... of the whole sequence,
+    protected tokens excluded by -inf scores; output [protected, kept A, B].
+    ``order="spatial"``: A and B alternate from the first unprotected token and
+    survivors keep their order. In both, every A token finds its most similar
+    B token (cosine; ties go to the lower B token) and the ``r`` A tokens with
+    the highest such similarity merge (ties go to the lower A token).
 
     Args:
         metric: (B, N, C) features to match on (ToMe: attention keys averaged
             over heads).
         r: tokens to remove, 0 <= r <= (N - num_protected) // 2.
-        num_protected: the first ``num_protected`` tokens take no part.
+        num_protected: the first ``num_protected`` tokens take no part and stay first.
+        order: ``"official"`` or ``"spatial"``.
     """
     if metric.dim() != 3:
         raise ValueError(f"metric must be (B, N, C), got shape {tuple(metric.shape)}")
+    if order not in TOKEN_ORDERS:
+        raise ValueError(f"order must be one of {TOKEN_ORDERS}, got {order!r}")
     B, N, _ = metric.shape
-    if not 0 <= num_protected <= N:
-        raise ValueError(f"num_protected must be in [0, {N}], got {num_protected}")
-    limit = max_tome_r(N, num_protected)
+    p = num_protected
+    if not 0 <= p <= N:
+        raise ValueError(f"num_protected must be in [0, {N}], got {p}")
+    limit = max_tome_r(N, p)
     if not 0 <= r <= limit:
         raise ValueError(
-            f"ToMe can remove 0 to (N - protected) // 2 = {limit} tokens here "
-            f"(N = {N}, protected = {num_protected}), got r = {r}"
+            f"ToMe can remove 0 to (N - protected) // 2 = {limit} tokens here (N = {N}, protected = {p}), got r = {r}"
         )
     device = metric.device
     positions = torch.arange(N, device=device)
 
     if r == 0:
         nothing = positions.new_empty(B, 0)
+        everything = positions.expand(B, N)
         kept_all = torch.zeros(B, N, dtype=torch.bool, device=device)
-        return BipartiteMatch(positions.expand(B, N), nothing, nothing, kept_all)
+        return BipartiteMatch(everything, nothing, nothing, kept_all, everything)
 
-    feats = metric[:, num_protected:].to(score_dtype(metric.dtype))
-    a, b = feats[:, 0::2], feats[:, 1::2]
-    norm_a = torch.linalg.vector_norm(a, dim=-1)
-    norm_b = torch.linalg.vector_norm(b, dim=-1)
-    scores = (a @ b.transpose(1, 2)) / (norm_a.unsqueeze(-1) * norm_b.unsqueeze(-2)).clamp_min(_COSINE_EPS)
+    start = 0 if order == "official" else p
+    a_pos, b_pos = positions[start::2], positions[start + 1 :: 2]
+    feats = metric.to(score_dtype(metric.dtype))
+    scores = _cosine_scores(feats[:, a_pos], feats[:, b_pos])  # (B, Na, Nb)
+    if order == "official" and p:
+        protected_pair = (a_pos < p).unsqueeze(-1) | (b_pos < p).unsqueeze(0)
+        scores = scores.masked_fill(protected_pair, float("-inf"))
     best_score, best_b = scores.max(dim=-1)  # (B, Na)
 
-    order = torch.sort(best_score, dim=1, descending=True, stable=True).indices
-    chosen_a = order[:, :r]  # (B, r)
-    sources = num_protected + 2 * chosen_a
-    destinations = num_protected + 2 * best_b.gather(1, chosen_a) + 1
-
-    target = positions.expand(B, N).scatter(1, sources, destinations)
+    ranking = torch.sort(best_score, dim=1, descending=True, stable=True).indices
+    chosen_a = ranking[:, :r]
+    sources = a_pos[chosen_a]
+    destinations = b_pos[best_b.gather(1, chosen_a)]
     removed = torch.zeros(B, N, dtype=torch.bool, device=device).scatter(1, sources, True)
-    return BipartiteMatch(slots_after_removal(target, removed), sources, destinations, removed)
+
+    if order == "spatial":
+        survivors = torch.sort(removed.to(torch.uint8), dim=1, stable=True).indices[:, : N - r]
+    else:
+        kept_a = a_pos[ranking[:, r:]]  # (B, Na - r), best score first
+        if p:
+            # Protected A tokens (score -inf) sort first by position; they are put in front with the others.
+            kept_a = kept_a.sort(dim=1).values[:, (p + 1) // 2 :]
+        protected = positions[:p].expand(B, p)
+        b_unprotected = b_pos[b_pos >= p].expand(B, -1)
+        survivors = torch.cat([protected, kept_a, b_unprotected], dim=1)
+    return BipartiteMatch(_slots_of(survivors, sources, destinations, N), sources, destinations, removed, survivors)
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, *, num_protected: int = 0) -> torch.Tensor:
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, *, num_protected: int = 0, order: TokenOrder = "official"
+) -> torch.Tensor:
     """The (B, N) index map of :func:`match_bipartite` (slot of every token in the N - r merged ones)."""
-    return match_bipartite(metric, r, num_protected=num_protected).index
+    return match_bipartite(metric, r, num_protected=num_protected, order=order).index
 
 
 def merge_matched(
@@ -108,7 +176,7 @@ def merge_matched(
     r = match.sources.shape[1]
     if size is None:
         size = torch.ones(B, N, dtype=x.dtype, device=x.device)
-    kept = torch.sort(match.removed.to(torch.uint8), dim=1, stable=True).indices[:, : N - r]
+    kept = match.survivors
     merged = x.gather(1, kept.unsqueeze(-1).expand(B, N - r, C))
     source_size = size.gather(1, match.sources)
     slots = match.index.gather(1, match.sources)  # (B, r): the destination's slot
@@ -138,10 +206,11 @@ def tome_schedule(r: RSchedule, num_layers: int) -> list[int]:
     """Per-layer r for a ToMe schedule.
 
     ``r`` may be an int (the same r in every layer), ``(r, inflection)`` with
-    inflection in [-1, 1] (a linear schedule averaging r, going from
-    ``r * (1 - inflection)`` in the first layer to ``r * (1 + inflection)`` in
-    the last, rounded down; 0 is constant), or a list of per-layer values (a
-    shorter list is padded with zeros).
+    inflection in [-1, 1] (a linear schedule around r, computed as the
+    authors' ``parse_r`` does: first layer ``int(r * (1 - inflection))``, last
+    layer ``2 * r`` minus that, the layers between on the straight line and
+    rounded down; 0 is constant, -1 the paper's "decreasing schedule"), or a
+    list of per-layer values (a shorter list is padded with zeros).
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -165,8 +234,11 @@ def tome_schedule(r: RSchedule, num_layers: int) -> list[int]:
             raise ValueError(f"inflection must be in [-1, 1], got {inflection}")
         if num_layers == 1:
             return [base]
-        first, last = base * (1.0 - inflection), base * (1.0 + inflection)
-        step = (last - first) / max(num_layers - 1, 1)
+        # The first layer is rounded down before the line is drawn: the authors' parse_r does so, and a
+        # schedule that differs by one token in some layer is a different baseline.
+        first = int(base * (1.0 - inflection))
+        last = 2 * base - first
+        step = (last - first) / (num_layers - 1)
         values = [int(first + step * i) for i in range(num_layers)]
     elif isinstance(r, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in r):
         if len(r) > num_layers:

@@ -15,7 +15,7 @@ from ..merge.expedite import (
     Normalise,
 )
 from ..merge.groups import REPRESENTATIONS
-from ..merge.tome import RSchedule, tome_schedule
+from ..merge.tome import TOKEN_ORDERS, RSchedule, tome_schedule
 
 # A per-stage reduction amount: an int number of tokens, or a fraction of the
 # grid side that is current when the stage runs.
@@ -144,10 +144,14 @@ class CubistOptions:
 
 @dataclass(frozen=True)
 class ToMeOptions:
+    """ToMe's settings. ``order``: ``"official"`` (the authors' token bookkeeping, default) or
+    ``"spatial"`` (survivors keep their order); see :mod:`cubistmerge.merge.tome`."""
+
     r_schedule: tuple[int, ...]
     prop_attn: bool = True
     recover_output: bool = True
     trace_source: bool = False
+    order: str = "official"
 
     method = "tome"
 
@@ -158,10 +162,14 @@ class ToMeOptions:
         num_blocks: int,
         r: RSchedule = 8,
         prop_attn: bool = True,
+        order: str = "official",
         recover_output: bool = True,
         trace_source: bool = False,
     ) -> ToMeOptions:
-        return cls(tuple(tome_schedule(r, num_blocks)), bool(prop_attn), bool(recover_output), bool(trace_source))
+        if order not in TOKEN_ORDERS:
+            raise ValueError(f"order must be one of {TOKEN_ORDERS}, got {order!r}")
+        schedule = tuple(tome_schedule(r, num_blocks))
+        return cls(schedule, bool(prop_attn), bool(recover_output), bool(trace_source), order)
 
 
 @dataclass(frozen=True)

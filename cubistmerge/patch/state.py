@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..merge.groups import compose_groups, reduce_pairwise_bias, unmerge_groups
+from ..merge.groups import compose_groups, reduce_pairwise_bias, score_dtype, unmerge_groups
 
 
 def as_additive_bias(attn_mask: torch.Tensor | None, dtype: torch.dtype, num_tokens: int) -> torch.Tensor | None:
@@ -65,6 +65,15 @@ class MergeState:
         groups = index if self.groups is None else compose_groups(self.groups, index)
         bias = None if self.attn_bias is None else reduce_pairwise_bias(self.attn_bias, index, num_out)
         return replace(self, grid=grid, groups=groups, size=size, attn_bias=bias)
+
+    def attention_bias(self, proportional: bool, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive attention bias for the current tokens: the user's mask, plus with
+        ``proportional`` ToMe's proportional attention, log(size) of every key, (B, 1, 1, N)."""
+        if not proportional or self.size is None:
+            return self.attn_bias
+        # The log in at least float32 (float64 for float64 models), however the sizes are stored.
+        log_size = self.size.to(score_dtype(dtype)).log().to(dtype)[:, None, None, :]
+        return log_size if self.attn_bias is None else self.attn_bias + log_size
 
     def recover(self, x: torch.Tensor) -> torch.Tensor:
         """Current tokens (B, N, C) -> the original token layout (B, N_orig, C)."""

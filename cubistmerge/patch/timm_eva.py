@@ -146,7 +146,8 @@ def why_unsupported(model: nn.Module) -> str | None:
     reason = _rope_unsupported(model.rope)
     if reason is not None:
         return reason
-    checks = [(Eva, "forward_features", _FEATURES_PARAMS), (Eva, "forward_intermediates", _INTERMEDIATES_PARAMS)]
+    checks = [(Eva, name, _FEATURES_PARAMS) for name in ("forward", "forward_features")]
+    checks.append((Eva, "forward_intermediates", _INTERMEDIATES_PARAMS))
     checks += [(cls, "forward", _BLOCK_PARAMS) for cls in _BLOCKS]
     for cls, method, expected in checks:
         found = tuple(inspect.signature(getattr(cls, method)).parameters)
@@ -343,10 +344,7 @@ def tome_block_forward(
     its residual branches are the block's own (pre-norm with LayerScale
     ``gamma_1``/``gamma_2``, or post-norm). Returns whether tokens were merged.
     """
-    bias = state.attn_bias
-    if options.prop_attn and state.size is not None:
-        log_size = state.size.log().to(x.dtype)[:, None, None, :]  # (B, 1, 1, N)
-        bias = log_size if bias is None else bias + log_size
+    bias = state.attention_bias(options.prop_attn, x.dtype)
     if is_causal and bias is not None:
         raise ValueError("is_causal cannot be combined with ToMe's merged tokens; use method='cubist' or no mask")
     post_norm = isinstance(block, EvaBlockPostNorm)
@@ -364,7 +362,7 @@ def tome_block_forward(
         with torch.profiler.record_function("cubistmerge::tome_merge"):
             # ToMe's metric: the keys averaged over heads (before RoPE, so position does not decide the match).
             metric = keys[-1].transpose(1, 2).sum(dim=2)  # (B, N, head_dim)
-            match = match_bipartite(metric, r, num_protected=state.num_prefix)
+            match = match_bipartite(metric, r, num_protected=state.num_prefix, order=options.order)
             size = None if state.size is None else state.size.to(x.dtype)
             x, size = merge_matched(x, match, size)
             state = state.merged(match.index, x.shape[1], grid=None, size=size.float())
@@ -443,6 +441,11 @@ class _MergingEva:
         if options.trace_source:
             store_source(self, state, x)
         return x, state, intermediates
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        # The head pools the merged tokens, as the merging methods' own code does (see timm_vit).
+        x, _, _ = self._merging_tokens(x, attn_mask, is_causal)
+        return self.forward_head(self.norm(x))
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False

@@ -67,7 +67,11 @@ def why_unsupported(model: nn.Module) -> str | None:
     others = sorted({type(blk).__name__ for blk in model.blocks if type(blk) is not Block})
     if others:
         return f"its blocks are {others}, not timm.models.vision_transformer.Block"
-    for method, expected in (("forward_features", _FEATURES_PARAMS), ("forward_intermediates", _INTERMEDIATES_PARAMS)):
+    for method, expected in (
+        ("forward", _FEATURES_PARAMS),
+        ("forward_features", _FEATURES_PARAMS),
+        ("forward_intermediates", _INTERMEDIATES_PARAMS),
+    ):
         found = tuple(inspect.signature(getattr(VisionTransformer, method)).parameters)
         unknown = set(found) - set(expected)
         if unknown:
@@ -171,10 +175,7 @@ def tome_block_forward(
     block: Block, x: torch.Tensor, state: MergeState, r: int, options: ToMeOptions, is_causal: bool = False
 ) -> tuple[torch.Tensor, MergeState]:
     """One ViT block with ToMe: attention (with proportional attention), merge r tokens, MLP."""
-    bias = state.attn_bias
-    if options.prop_attn and state.size is not None:
-        log_size = state.size.log().to(x.dtype)[:, None, None, :]  # (B, 1, 1, N)
-        bias = log_size if bias is None else bias + log_size
+    bias = state.attention_bias(options.prop_attn, x.dtype)
     if is_causal and bias is not None:
         raise ValueError("is_causal cannot be combined with ToMe's merged tokens; use method='cubist' or no mask")
     with captured_keys(block.attn) as keys:
@@ -192,7 +193,7 @@ def tome_block_forward(
             # ToMe's metric is the keys averaged over heads; cosine similarity ignores the 1/heads
             # factor, and summing over the transposed view is ~3x faster than mean(dim=1) on CPU.
             metric = keys[-1].transpose(1, 2).sum(dim=2)  # (B, N, head_dim)
-            match = match_bipartite(metric, r, num_protected=state.num_prefix)
+            match = match_bipartite(metric, r, num_protected=state.num_prefix, order=options.order)
             size = None if state.size is None else state.size.to(x.dtype)
             x, size = merge_matched(x, match, size)
             state = state.merged(match.index, x.shape[1], grid=None, size=size.float())
@@ -276,6 +277,13 @@ class _MergingViT:
         if options.trace_source:
             store_source(self, state, x)
         return x, finish, intermediates
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        # The head pools the merged tokens, as the merging methods' own code does (a mean over merged
+        # tokens is not the size-weighted mean over recovered positions); Expedite's head sees the
+        # reconstructed tokens, which is what its clustering stands for.
+        tokens, finish, _ = self._merging_tokens(x, attn_mask, is_causal)
+        return self.forward_head(finish(tokens, isinstance(options_of(self), ExpediteOptions)))
 
     def forward_features(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False

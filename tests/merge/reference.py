@@ -218,31 +218,61 @@ def cubist_merge_batch(batch, r_h, r_w, representation="maxmag", metric="cosine"
 # ----------------------------------------------------------------------------
 
 
-def bipartite_matching(tokens: list[list[float]], r: int, num_protected: int = 0) -> list[int]:
-    """ToMe bipartite soft matching of one sequence; returns the index map."""
+def bipartite_matching(
+    tokens: list[list[float]], r: int, num_protected: int = 0, order: str = "official"
+) -> list[int]:
+    """ToMe bipartite soft matching of one sequence; returns the index map (output slot of every token).
+
+    ``order="official"``, as the authors' code computes it: A = positions 0, 2,
+    4, ... and B = 1, 3, 5, ... of the whole sequence; a protected A token
+    never merges, a protected B token never receives. Every A token picks its
+    most similar B token, the r best-scoring A tokens merge. The output is
+    [protected tokens] + [A tokens that did not merge: by position if there
+    are protected tokens, else best score first] + [the other B tokens].
+
+    ``order="spatial"``: A and B alternate from the first unprotected token,
+    and survivors keep their order.
+    """
     n = len(tokens)
-    if not 0 <= r <= (n - num_protected) // 2:
-        raise ValueError(f"r must be 0 to {(n - num_protected) // 2}, got {r}")
-    set_a = list(range(num_protected, n, 2))
-    set_b = list(range(num_protected + 1, n, 2))
+    p = num_protected
+    if not 0 <= r <= (n - p) // 2:
+        raise ValueError(f"r must be 0 to {(n - p) // 2}, got {r}")
+    if r == 0:  # the authors' code does nothing at all then: no re-ordering either
+        return list(range(n))
+    start = 0 if order == "official" else p
+    set_a = list(range(start, n, 2))
+    set_b = list(range(start + 1, n, 2))
 
     candidates = []  # (best score, a position, chosen b position)
     for a in set_a:
-        best_score, best_b = None, None
-        for b in set_b:  # ascending: strict '>' keeps the lowest b on ties
-            score = cosine(tokens[a], tokens[b])
-            if best_score is None or score > best_score:
-                best_score, best_b = score, b
-        if best_b is not None:
-            candidates.append((best_score, a, best_b))
+        best_score, best_b = NEG_INF, None
+        if a >= p:
+            for b in set_b:  # ascending: strict '>' keeps the lowest b on ties
+                if b < p:
+                    continue
+                score = cosine(tokens[a], tokens[b])
+                if best_b is None or score > best_score:
+                    best_score, best_b = score, b
+        candidates.append((best_score, a, best_b))
     candidates.sort(key=lambda cand: -cand[0])  # stable: lower a first on ties
+    chosen, rest = candidates[:r], candidates[r:]
 
-    targets = list(range(n))
-    removed = set()
-    for _, a, b in candidates[:r]:
-        targets[a] = b
-        removed.add(a)
-    return slots_from_targets(targets, removed)
+    if order == "spatial":
+        targets = list(range(n))
+        removed = set()
+        for _, a, b in chosen:
+            targets[a] = b
+            removed.add(a)
+        return slots_from_targets(targets, removed)
+
+    kept_a = [a for _, a, _ in rest]
+    if p:
+        kept_a.sort()
+    sequence = list(range(p)) + [a for a in kept_a if a >= p] + [b for b in set_b if b >= p]
+    slot = {position: i for i, position in enumerate(sequence)}
+    for _, a, b in chosen:
+        slot[a] = slot[b]
+    return [slot[t] for t in range(n)]
 
 
 def weighted_mean(
@@ -255,9 +285,10 @@ def tome_schedule(r, num_layers: int) -> list[int]:
     if isinstance(r, int):
         values = [r] * num_layers
     elif isinstance(r, tuple):
+        # The authors' parse_r: the first layer is rounded down, the last mirrors it around r.
         base, inflection = r
-        first = base * (1 - inflection)
-        last = base * (1 + inflection)
+        first = int(base * (1 - inflection))
+        last = 2 * base - first
         values = [int(first + (last - first) / (num_layers - 1) * i) for i in range(num_layers)]
     else:
         if len(r) > num_layers:

@@ -37,27 +37,31 @@ def int_metrics(draw, max_batch=2, max_tokens=16, max_channels=4, max_protected=
     return metric, r, protected
 
 
-def reference_index(metric: torch.Tensor, r: int, protected: int) -> torch.Tensor:
+def reference_index(metric: torch.Tensor, r: int, protected: int, order: str = "official") -> torch.Tensor:
     return torch.tensor(
-        [ref.bipartite_matching(row, r, protected) for row in metric.tolist()], dtype=torch.long
+        [ref.bipartite_matching(row, r, protected, order) for row in metric.tolist()], dtype=torch.long
     )
 
+
+ORDERS = pytest.mark.parametrize("order", ["official", "spatial"])
 
 # ----------------------------------------------------------------------------
 # bipartite_soft_matching
 # ----------------------------------------------------------------------------
 
 
+@ORDERS
 @SETTINGS
 @given(case=int_metrics())
-def test_matching_matches_reference_exactly(case):
+def test_matching_matches_reference_exactly(case, order):
     metric, r, protected = case
-    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    index = bipartite_soft_matching(metric, r, num_protected=protected, order=order)
     assert index.dtype == torch.long
     assert index.shape == metric.shape[:2]
-    assert torch.equal(index, reference_index(metric, r, protected))
+    assert torch.equal(index, reference_index(metric, r, protected, order))
 
 
+@ORDERS
 @settings(max_examples=60, deadline=None)
 @given(
     shape=st.tuples(st.integers(1, 2), st.integers(2, 24), st.integers(1, 8)),
@@ -65,22 +69,52 @@ def test_matching_matches_reference_exactly(case):
     seed=st.integers(0, 2**31 - 1),
     data=st.data(),
 )
-def test_matching_matches_reference_on_continuous_values(shape, protected, seed, data):
+def test_matching_matches_reference_on_continuous_values(shape, protected, seed, data, order):
     batch, tokens, channels = shape
     protected = min(protected, tokens)
     generator = torch.Generator().manual_seed(seed)
     metric = torch.randn(batch, tokens, channels, generator=generator, dtype=torch.float64)
     r = data.draw(st.integers(0, (tokens - protected) // 2))
-    index = bipartite_soft_matching(metric, r, num_protected=protected)
-    assert torch.equal(index, reference_index(metric, r, protected))
+    match = match_bipartite(metric, r, num_protected=protected, order=order)
+    assert torch.equal(match.index, reference_index(metric, r, protected, order))
+    # survivors: the input position holding each output slot, consistent with the index map.
+    assert torch.equal(match.index.gather(1, match.survivors), torch.arange(tokens - r).expand(batch, -1))
 
 
 @SETTINGS
 @given(case=int_metrics())
-def test_matching_structure(case):
+def test_official_matching_structure(case):
     metric, r, protected = case
     batch, tokens, _ = metric.shape
-    index = bipartite_soft_matching(metric, r, num_protected=protected)
+    match = match_bipartite(metric, r, num_protected=protected)
+    if r == 0:  # nothing merges, nothing moves
+        assert torch.equal(match.index, torch.arange(tokens).expand(batch, -1))
+        return
+    for b in range(batch):
+        slots = match.index[b].tolist()
+        counts = torch.bincount(match.index[b], minlength=tokens - r).tolist()
+        assert len(counts) == tokens - r and min(counts, default=1) >= 1
+        # Protected tokens keep slots 0..p-1, alone.
+        assert slots[:protected] == list(range(protected))
+        assert all(counts[s] == 1 for s in range(protected))
+        # Only even positions (set A) merge away, never a protected one; all odd ones (set B) survive.
+        sources = match.sources[b].tolist()
+        assert all(t % 2 == 0 and t >= protected for t in sources)
+        # The unprotected B tokens take the last slots, in their order.
+        set_b = [t for t in range(1, tokens, 2) if t >= protected]
+        assert [slots[t] for t in set_b] == list(range(tokens - r - len(set_b), tokens - r))
+        # With protected tokens the kept A tokens keep their order between the protected and B tokens.
+        kept_a = [t for t in range(0, tokens, 2) if t >= protected and t not in sources]
+        if protected:
+            assert [slots[t] for t in kept_a] == list(range(protected, protected + len(kept_a)))
+
+
+@SETTINGS
+@given(case=int_metrics())
+def test_spatial_matching_structure(case):
+    metric, r, protected = case
+    batch, tokens, _ = metric.shape
+    index = bipartite_soft_matching(metric, r, num_protected=protected, order="spatial")
     for b in range(batch):
         slots = index[b].tolist()
         counts = torch.bincount(index[b], minlength=tokens - r).tolist()
@@ -103,27 +137,44 @@ def test_matching_structure(case):
 
 def test_matching_hand_example():
     # A = {0, 2, 4}, B = {1, 3, 5}. Token 2 equals token 3 (cosine 1) and token 4
-    # is closest to 5; token 0 is orthogonal to every B token (score 0, ties -> B 1).
+    # is closest to 5 (0.98); token 0 is orthogonal to every B token but 1 (score 0, ties -> B 1).
     metric = torch.tensor(
         [[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.2, 1.0]]],
         dtype=torch.float64,
     )
-    assert bipartite_soft_matching(metric, 1).tolist() == [[0, 1, 2, 2, 3, 4]]
+    # Spatial order: survivors keep their places.
+    assert bipartite_soft_matching(metric, 1, order="spatial").tolist() == [[0, 1, 2, 2, 3, 4]]
+    assert bipartite_soft_matching(metric, 2, order="spatial").tolist() == [[0, 1, 2, 2, 3, 3]]
+    assert bipartite_soft_matching(metric, 3, order="spatial").tolist() == [[0, 0, 1, 1, 2, 2]]
+    # Official order: [kept A, best score first] + [B 1, 3, 5].
+    # r=1: token 2 merges; kept A = 4 (0.98), 0 (0.0) -> slots 0, 1; B 1, 3, 5 -> 2, 3, 4.
+    assert bipartite_soft_matching(metric, 1).tolist() == [[1, 2, 3, 3, 0, 4]]
     assert bipartite_soft_matching(metric, 2).tolist() == [[0, 1, 2, 2, 3, 3]]
     assert bipartite_soft_matching(metric, 3).tolist() == [[0, 0, 1, 1, 2, 2]]
+    # One protected token (a class token at 0): kept A by position, then B.
+    assert bipartite_soft_matching(metric, 1, num_protected=1).tolist() == [[0, 2, 3, 3, 1, 4]]
+    # Two (class + distillation at B's first place 1): token 2 can only go to 3, token 4 to 5.
+    assert bipartite_soft_matching(metric, 2, num_protected=2).tolist() == [[0, 1, 2, 2, 3, 3]]
 
 
 def test_matching_ties_go_to_lowest_b_and_lowest_a():
     metric = torch.ones(1, 6, 2, dtype=torch.float64)
     # All scores tie: A tokens 0, 2 (the first two) merge into B token 1.
-    assert bipartite_soft_matching(metric, 2).tolist() == [[0, 0, 0, 1, 2, 3]]
+    assert bipartite_soft_matching(metric, 2, order="spatial").tolist() == [[0, 0, 0, 1, 2, 3]]
+    # Official order: kept A token 4 first, then B 1, 3, 5.
+    assert bipartite_soft_matching(metric, 2).tolist() == [[1, 1, 1, 2, 0, 3]]
 
 
-def test_matching_protected_tokens_never_receive():
-    # Token 0 is protected and identical to every other token; nothing merges into it.
-    metric = torch.ones(1, 5, 3, dtype=torch.float64)
-    index = bipartite_soft_matching(metric, 2, num_protected=1)
-    assert index.tolist() == [[0, 1, 1, 1, 2]]
+@ORDERS
+@pytest.mark.parametrize("protected", [1, 2, 3])
+def test_matching_protected_tokens_never_take_part(order, protected):
+    # Protected tokens are identical to every other token; nothing merges into or out of them.
+    metric = torch.ones(1, 9, 3, dtype=torch.float64)
+    r = (9 - protected) // 2
+    index = bipartite_soft_matching(metric, r, num_protected=protected, order=order)
+    slots = index[0].tolist()
+    assert slots[:protected] == list(range(protected))
+    assert all(s >= protected for s in slots[protected:])
 
 
 def test_matching_r_zero_is_identity():
@@ -253,7 +304,9 @@ def test_schedule_int(r, layers):
         ((8, 1.0), 5, [0, 4, 8, 12, 16]),
         ((8, -1.0), 5, [16, 12, 8, 4, 0]),
         ((10, 0.5), 3, [5, 10, 15]),
-        ((7, 0.3), 4, [4, 6, 7, 9]),
+        # The authors' parse_r rounds the first layer down and mirrors it: int(4.9) = 4, last 14 - 4 = 10.
+        ((7, 0.3), 4, [4, 6, 8, 10]),
+        ((8, -0.3), 12, [10, 9, 9, 8, 8, 8, 7, 7, 7, 6, 6, 6]),
     ],
 )
 def test_schedule_tuple_values(r, layers, expected):

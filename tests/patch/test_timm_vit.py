@@ -115,7 +115,17 @@ def test_forward_contracts(model_key, method):
         assert features.shape == ref_features.shape == (2, p + H * W, model.embed_dim)
         logits = model.forward_head(features)
         assert logits.shape == ref_logits.shape
-        assert torch.allclose(model(x), logits, atol=1e-6)
+        # forward() pools the merged tokens, as the methods' own code does (a mean over merged tokens, not
+        # over recovered positions); pooling the class token or a max gives the same either way.
+        merged = copy.deepcopy(model)
+        cubistmerge.patch(merged, method, recover_output=False, **SETTINGS[method])
+        tokens = merged.forward_features(x)
+        assert tokens.shape[1] < features.shape[1]
+        assert torch.allclose(model(x), model.forward_head(tokens), atol=1e-6)
+        if model.global_pool == "token":
+            assert torch.allclose(model(x), logits, atol=1e-6)
+        else:
+            assert not torch.allclose(model(x), logits, atol=1e-6)
         assert model.forward_head(features, pre_logits=True).shape[-1] == model.num_features
 
         final, intermediates = model.forward_intermediates(x, indices=[0, 2, 3])
