@@ -17,10 +17,16 @@ import torch.nn as nn
 
 from . import segment_anything, timm_eva, timm_sam, timm_tinyvit, timm_vit
 from ._swap import patched_family
-from .options import CubistOptions, ExpediteOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions, PiToMeOptions, ToFuOptions, ToMeOptions
 
-METHODS = ("cubist", "tome", "expedite")
-_BUILDERS = {"cubist": CubistOptions, "tome": ToMeOptions, "expedite": ExpediteOptions}
+METHODS = ("cubist", "tome", "expedite", "pitome", "tofu")
+_BUILDERS = {
+    "cubist": CubistOptions,
+    "tome": ToMeOptions,
+    "expedite": ExpediteOptions,
+    "pitome": PiToMeOptions,
+    "tofu": ToFuOptions,
+}
 _FAMILIES = (timm_vit, timm_sam, segment_anything, timm_eva, timm_tinyvit)
 _DEFAULT_FAMILY_METHODS = ("cubist", "tome")
 
@@ -53,8 +59,9 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
 
     Args:
         model: a supported model (see :class:`UnsupportedModelError` for the list).
-        method: ``"cubist"`` (CubistMerge), ``"tome"`` (ToMe baseline) or
-            ``"expedite"`` (Expedite baseline; plain timm ViTs and SAM encoders only).
+        method: ``"cubist"`` (CubistMerge), ``"tome"`` (ToMe baseline),
+            ``"expedite"`` (Expedite baseline; plain timm ViTs and SAM encoders only),
+            ``"pitome"`` (PiToMe) or ``"tofu"`` (ToFu; both plain timm ViTs only).
         **options: for ``"cubist"``: ``r`` (int tokens per row and column, a
             ``(r_h, r_w)`` pair, or a float fraction of the grid side; default 1),
             ``loc`` (block whose input is reduced; default 1), or
@@ -62,7 +69,15 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
             ``representation`` ("maxmag", "maxmag_vector", "mean"),
             ``metric`` ("cosine", "l2").
             For ``"tome"``: ``r`` (int per block, ``(r, inflection)``, or a
-            list of per-block ints; default 8), ``prop_attn`` (default True).
+            list of per-block ints; default 8), ``prop_attn`` (default True),
+            ``order`` (``"official"``: the authors' token bookkeeping, default;
+            ``"spatial"``: survivors keep their order).
+            For ``"pitome"``: ``ratio`` (fraction of the tokens every block
+            keeps, default 0.9125), ``alpha`` (1.0); margins and the layout of
+            its two variants as in the authors' code.
+            For ``"tofu"``: ``r`` (as ToMe), ``mlerp_from`` (first block that
+            merges by MLERP instead of pruning; default L // 2 + 1),
+            ``mlerp_norm`` (``"mean"``: the paper, default; ``"destination"``: OpenToMe).
             For ``"expedite"``: ``r`` (as for ``"cubist"``: the grid, or on SAM
             encoders every window, is clustered to (H - r_h, W - r_w) tokens;
             any amount leaving one token per side; default 1), ``loc``
@@ -74,7 +89,8 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
             returns every original token position, filled from its merged
             token (Expedite: reconstructed as a weighted sum of clustered
             tokens, before the final norm or the neck), so heads and dense
-            users see the unmerged layout). For ``"cubist"`` and ``"tome"``:
+            users see the unmerged layout; ``model(x)`` pools the merged tokens, as
+            the methods' own code does). For all but ``"expedite"``:
             ``trace_source`` (store the last forward's (B, N) token-to-merged
             index map as ``model.cubistmerge_source``).
     """

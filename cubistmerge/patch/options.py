@@ -15,6 +15,8 @@ from ..merge.expedite import (
     Normalise,
 )
 from ..merge.groups import REPRESENTATIONS
+from ..merge.pitome import DEFAULT_ALPHA, DEFAULT_RATIO, MIN_RATIO, pitome_bsm_blocks, pitome_margins
+from ..merge.tofu import MLERP_NORMS, tofu_modes
 from ..merge.tome import TOKEN_ORDERS, RSchedule, tome_schedule
 
 # A per-stage reduction amount: an int number of tokens, or a fraction of the
@@ -170,6 +172,80 @@ class ToMeOptions:
             raise ValueError(f"order must be one of {TOKEN_ORDERS}, got {order!r}")
         schedule = tuple(tome_schedule(r, num_blocks))
         return cls(schedule, bool(prop_attn), bool(recover_output), bool(trace_source), order)
+
+
+@dataclass(frozen=True)
+class PiToMeOptions:
+    """PiToMe's settings (see :mod:`cubistmerge.merge.pitome`): a keep ``ratio`` per block, the
+    authors' per-block energy margins and their layout of "bsm" and "pitome" blocks."""
+
+    ratio: float
+    margins: tuple[float, ...]
+    bsm_blocks: tuple[bool, ...]
+    alpha: float = DEFAULT_ALPHA
+    recover_output: bool = True
+    trace_source: bool = False
+
+    method = "pitome"
+    prop_attn = False  # the authors' blocks do not pass the sizes to attention
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        num_blocks: int,
+        ratio: float = DEFAULT_RATIO,
+        alpha: float = DEFAULT_ALPHA,
+        recover_output: bool = True,
+        trace_source: bool = False,
+    ) -> PiToMeOptions:
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not MIN_RATIO <= ratio <= 1.0:
+            raise ValueError(
+                f"ratio is the fraction of tokens every block keeps, in [{MIN_RATIO}, 1] (1: no merging); "
+                f"got {ratio!r}"
+            )
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        margins, bsm = tuple(pitome_margins(num_blocks)), tuple(pitome_bsm_blocks(num_blocks))
+        return cls(float(ratio), margins, bsm, float(alpha), bool(recover_output), bool(trace_source))
+
+
+@dataclass(frozen=True)
+class ToFuOptions:
+    """ToFu's settings (see :mod:`cubistmerge.merge.tofu`): ToMe's r schedule and matching, pruning
+    in the blocks before ``mlerp_from`` and MLERP merging from there on."""
+
+    r_schedule: tuple[int, ...]
+    modes: tuple[str, ...]
+    mlerp_norm: str = "mean"
+    recover_output: bool = True
+    trace_source: bool = False
+
+    method = "tofu"
+    prop_attn = False  # no sizes are tracked
+    order = "official"
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        num_blocks: int,
+        r: RSchedule = 8,
+        mlerp_from: int | None = None,
+        mlerp_norm: str = "mean",
+        recover_output: bool = True,
+        trace_source: bool = False,
+    ) -> ToFuOptions:
+        if mlerp_from is None:
+            modes = tuple(tofu_modes(num_blocks))
+        else:
+            if isinstance(mlerp_from, bool) or not isinstance(mlerp_from, int) or not 0 <= mlerp_from <= num_blocks:
+                raise ValueError(f"mlerp_from must be a block index in [0, {num_blocks}], got {mlerp_from!r}")
+            modes = tuple("mlerp" if i >= mlerp_from else "prune" for i in range(num_blocks))
+        if mlerp_norm not in MLERP_NORMS:
+            raise ValueError(f"mlerp_norm must be one of {MLERP_NORMS}, got {mlerp_norm!r}")
+        schedule = tuple(tome_schedule(r, num_blocks))
+        return cls(schedule, modes, mlerp_norm, bool(recover_output), bool(trace_source))
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ from timm.models._features import feature_take_indices
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch.utils.checkpoint import checkpoint
 
-from ..merge.tome import match_bipartite, max_tome_r, merge_matched
+from ._after_attention import merge_after_attention
 from ._swap import options_of, restore_class, swap_class
 from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
 from .options import CubistOptions, ToMeOptions
@@ -334,11 +334,11 @@ def tome_block_forward(
     x: torch.Tensor,
     rope: torch.Tensor | None,
     state: MergeState,
-    r: int,
+    index: int,
     options: ToMeOptions,
     is_causal: bool,
 ) -> tuple[torch.Tensor, MergeState, bool]:
-    """One Eva block with ToMe: attention (with proportional attention), merge r tokens, MLP.
+    """One Eva block with ToMe: attention (with proportional attention), merge, MLP; ``index``: the block's place.
 
     The block's own attention module runs (q/k norm, RoPE, fused attention);
     its residual branches are the block's own (pre-norm with LayerScale
@@ -357,15 +357,10 @@ def tome_block_forward(
                 attn_out = block.gamma_1 * attn_out
             x = x + block.drop_path1(attn_out)
 
-    r = min(r, max_tome_r(x.shape[1], state.num_prefix))
-    if r > 0:
-        with torch.profiler.record_function("cubistmerge::tome_merge"):
-            # ToMe's metric: the keys averaged over heads (before RoPE, so position does not decide the match).
-            metric = keys[-1].transpose(1, 2).sum(dim=2)  # (B, N, head_dim)
-            match = match_bipartite(metric, r, num_protected=state.num_prefix, order=options.order)
-            size = None if state.size is None else state.size.to(x.dtype)
-            x, size = merge_matched(x, match, size)
-            state = state.merged(match.index, x.shape[1], grid=None, size=size.float())
+    # The metric is the keys averaged over heads, before RoPE, so position does not decide the match.
+    x, merged_state = merge_after_attention(x, keys[-1], state, index, options)
+    changed = merged_state is not state
+    state = merged_state
 
     if post_norm:
         x = x + block.drop_path2(block.norm2(block.mlp(x)))
@@ -374,7 +369,7 @@ def tome_block_forward(
         if block.gamma_2 is not None:
             mlp_out = block.gamma_2 * mlp_out
         x = x + block.drop_path2(mlp_out)
-    return x, state, r > 0
+    return x, state, changed
 
 
 class _MergingEva:
@@ -427,13 +422,12 @@ class _MergingEva:
                 else:
                     x = _plain_block_forward(block, x, rope, state, is_causal)
             else:
-                r = options.r_schedule[i]
                 if checkpointing:
                     x, state, changed = checkpoint(
-                        tome_block_forward, block, x, rope, state, r, options, is_causal, use_reentrant=False
+                        tome_block_forward, block, x, rope, state, i, options, is_causal, use_reentrant=False
                     )
                 else:
-                    x, state, changed = tome_block_forward(block, x, rope, state, r, options, is_causal)
+                    x, state, changed = tome_block_forward(block, x, rope, state, i, options, is_causal)
                 if changed:  # ToMe's tokens are no grid: always placed one by one
                     rope = merged_rope(self, state, grid, True, x.shape[1], original_rope)
             if take_indices is not None and i in take_indices:

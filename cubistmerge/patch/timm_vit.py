@@ -8,8 +8,8 @@ The model's class is swapped for a subclass that overrides only
 the norm and the head are the model's own modules, called as they are.
 CubistMerge and Expedite need nothing inside a block (they reduce the grid
 between two blocks; Expedite's reconstruction runs on the final tokens, before
-the model's final ``norm``). ToMe merges between a block's attention and its MLP, so its blocks run
-through :func:`tome_block_forward`, which calls the block's own attention
+the model's final ``norm``). ToMe, PiToMe and ToFu merge between a block's attention and its MLP, so
+their blocks run through :func:`merging_block_forward`, which calls the block's own attention
 module (fused SDPA, q/k norm, gating kept) and reads the keys it computed.
 """
 
@@ -29,14 +29,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..merge.cubist import cubist_merge
 from ..merge.expedite import Reconstruct, expedite_cluster
-from ..merge.tome import match_bipartite, max_tome_r, merge_matched
+from ._after_attention import AFTER_ATTENTION, AfterAttentionOptions, merge_after_attention
 from ._swap import options_of, restore_class, swap_class
 from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
-from .options import CubistOptions, ExpediteOptions, ToMeOptions
+from .options import CubistOptions, ExpediteOptions
 from .state import MergeState, with_prefix
 
 FAMILY = "timm VisionTransformer (blocks: timm.models.vision_transformer.Block)"
-SUPPORTED_METHODS = ("cubist", "tome", "expedite")
+SUPPORTED_METHODS = ("cubist", "tome", "expedite", "pitome", "tofu")
 
 # The upstream signatures this override reproduces. If timm adds a parameter,
 # patching refuses instead of silently ignoring it.
@@ -86,11 +86,15 @@ def num_blocks(model: VisionTransformer) -> int:
     return len(model.blocks)
 
 
-def patch(model: VisionTransformer, options: CubistOptions | ToMeOptions | ExpediteOptions) -> VisionTransformer:
-    if isinstance(options, ToMeOptions):
+def patch(
+    model: VisionTransformer, options: CubistOptions | ExpediteOptions | AfterAttentionOptions
+) -> VisionTransformer:
+    if isinstance(options, AFTER_ATTENTION):
         plain = [type(blk.attn).__name__ for blk in model.blocks if not isinstance(blk.attn, Attention)]
         if plain:
-            raise ValueError(f"ToMe needs timm Attention modules to read the keys from; this model has {plain[0]}")
+            raise ValueError(
+                f"{options.method} needs timm Attention modules to read the keys from; this model has {plain[0]}"
+            )
     if isinstance(options, CubistOptions | ExpediteOptions):
         options.check_grid(tuple(model.patch_embed.grid_size))
     return swap_class(model, _MergingViT, options, FAMILY)
@@ -171,13 +175,25 @@ def reconstruct_tokens(x: torch.Tensor, reconstruct: Reconstruct, num_prefix: in
         return torch.cat([x[:, :num_prefix], patches.reshape(B, -1, C)], dim=1)
 
 
-def tome_block_forward(
-    block: Block, x: torch.Tensor, state: MergeState, r: int, options: ToMeOptions, is_causal: bool = False
+def merging_block_forward(
+    block: Block,
+    x: torch.Tensor,
+    state: MergeState,
+    index: int,
+    options: AfterAttentionOptions,
+    is_causal: bool = False,
 ) -> tuple[torch.Tensor, MergeState]:
-    """One ViT block with ToMe: attention (with proportional attention), merge r tokens, MLP."""
+    """One ViT block that merges after its attention (ToMe, PiToMe, ToFu): attention, merge, MLP.
+
+    The block's own attention module runs (fused SDPA, q/k norm, gating) with
+    proportional attention where the method uses it, and the keys it computes
+    are the matching metric. ``index`` is the block's place in the model.
+    """
     bias = state.attention_bias(options.prop_attn, x.dtype)
     if is_causal and bias is not None:
-        raise ValueError("is_causal cannot be combined with ToMe's merged tokens; use method='cubist' or no mask")
+        raise ValueError(
+            f"is_causal cannot be combined with {options.method}'s merged tokens; use method='cubist' or no mask"
+        )
     with captured_keys(block.attn) as keys:
         attn_kwargs: dict[str, Any] = {}
         if bias is not None:
@@ -186,18 +202,7 @@ def tome_block_forward(
             attn_kwargs["is_causal"] = True
         attn_out = block.attn(block.norm1(x), **attn_kwargs)
     x = x + block.drop_path1(block.ls1(attn_out))
-
-    r = min(r, max_tome_r(x.shape[1], state.num_prefix))
-    if r > 0:
-        with torch.profiler.record_function("cubistmerge::tome_merge"):
-            # ToMe's metric is the keys averaged over heads; cosine similarity ignores the 1/heads
-            # factor, and summing over the transposed view is ~3x faster than mean(dim=1) on CPU.
-            metric = keys[-1].transpose(1, 2).sum(dim=2)  # (B, N, head_dim)
-            match = match_bipartite(metric, r, num_protected=state.num_prefix, order=options.order)
-            size = None if state.size is None else state.size.to(x.dtype)
-            x, size = merge_matched(x, match, size)
-            state = state.merged(match.index, x.shape[1], grid=None, size=size.float())
-
+    x, state = merge_after_attention(x, keys[-1], state, index, options)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, state
 
@@ -264,14 +269,12 @@ class _MergingViT:
                     x = checkpoint(_plain_block_forward, block, x, state, is_causal, use_reentrant=False)
                 else:
                     x = _plain_block_forward(block, x, state, is_causal)
+            elif checkpointing:
+                x, state = checkpoint(
+                    merging_block_forward, block, x, state, i, options, is_causal, use_reentrant=False
+                )
             else:
-                r = options.r_schedule[i]
-                if checkpointing:
-                    x, state = checkpoint(
-                        tome_block_forward, block, x, state, r, options, is_causal, use_reentrant=False
-                    )
-                else:
-                    x, state = tome_block_forward(block, x, state, r, options, is_causal)
+                x, state = merging_block_forward(block, x, state, i, options, is_causal)
             if take_indices is not None and i in take_indices:
                 intermediates.append(finish(x, True, norm_intermediates))
         if options.trace_source:

@@ -297,3 +297,124 @@ def tome_schedule(r, num_layers: int) -> list[int]:
     if any(v < 0 for v in values):
         raise ValueError("negative r")
     return values
+
+
+# ----------------------------------------------------------------------------
+# PiToMe (the authors' code: energy order, "bsm" and "pitome" variants)
+# ----------------------------------------------------------------------------
+
+
+def _pitome_unit(a: list[float]) -> list[float]:
+    length = max(math.sqrt(dot(a, a)), 1e-12)
+    return [v / length for v in a]
+
+
+def _pitome_elu(v: float, alpha: float) -> float:
+    return v if v > 0 else alpha * math.expm1(v)
+
+
+def pitome_energies(metric: list[list[float]], margin: float, alpha: float) -> list[float]:
+    units = [_pitome_unit(m) for m in metric]
+    energies = []
+    for i in range(len(units)):
+        total = 0.0
+        for j in range(len(units)):
+            total += _pitome_elu(dot(units[i], units[j]) - margin, alpha)
+        energies.append(total / len(units))
+    return energies
+
+
+def _pitome_most_similar(token: int, candidates: list[int], units: dict[int, list[float]]) -> tuple[float, int]:
+    """(best similarity, first candidate reaching it)."""
+    best_score, best = float("-inf"), -1
+    for candidate in candidates:
+        score = dot(units[token], units[candidate])
+        if score > best_score:
+            best_score, best = score, candidate
+    return best_score, best
+
+
+def pitome_merge(
+    metric: list[list[float]],
+    x: list[list[float]],
+    size: list[float],
+    r: int,
+    margin: float,
+    bsm: bool,
+    protected: int,
+    alpha: float,
+) -> tuple[list[int], list[list[float]], list[float]]:
+    """One image: (index map, merged tokens, merged sizes)."""
+    n = len(metric)
+    if r == 0:
+        return list(range(n)), [list(t) for t in x], list(size)
+    patch = list(range(protected, n))
+    units = {t: _pitome_unit(metric[t]) for t in patch}
+    energy = dict(zip(patch, pitome_energies([metric[t] for t in patch], margin, alpha), strict=True))
+    ranked = sorted(patch, key=lambda t: -energy[t])  # highest energy first; Python's sort is stable
+
+    merge_into: dict[int, int] = {}
+    if bsm:
+        set_a, set_b = ranked[0::2], ranked[1::2]
+        best = {a: _pitome_most_similar(a, set_b, units) for a in set_a}
+        by_score = sorted(set_a, key=lambda a: -best[a][0])
+        for a in by_score[:r]:
+            merge_into[a] = best[a][1]
+        kept = by_score[r:]
+    else:
+        set_a, set_b = ranked[0 : 2 * r : 2], ranked[1 : 2 * r : 2]
+        for a in set_a:
+            merge_into[a] = _pitome_most_similar(a, set_b, units)[1]
+        kept = ranked[2 * r :]
+
+    order = list(range(protected)) + kept + set_b
+    slot = {t: k for k, t in enumerate(order)}
+    for a, b in merge_into.items():
+        slot[a] = slot[b]
+    index = [slot[t] for t in range(n)]
+
+    channels = len(x[0])
+    totals = [[0.0] * channels for _ in order]
+    sizes = [0.0 for _ in order]
+    for t in range(n):
+        sizes[index[t]] += size[t]
+        for c in range(channels):
+            totals[index[t]][c] += x[t][c] * size[t]
+    merged = [[v / sizes[k] for v in totals[k]] for k in range(len(order))]
+    return index, merged, sizes
+
+
+# ----------------------------------------------------------------------------
+# ToFu (ToMe's matching; prune early, MLERP late)
+# ----------------------------------------------------------------------------
+
+
+def tofu_reduce(
+    tokens: list[list[float]], index: list[int], mode: str, mlerp_norm: str = "mean"
+) -> list[list[float]]:
+    """Reduce the groups of an authors'-order ToMe index map the ToFu way.
+
+    In a group of several tokens the destination is its set-B member (odd
+    position); the others are set-A sources. ``"prune"``: every slot holds its
+    destination (or its only member) as it was. ``"mlerp"``: a group of several
+    holds the mean of its members divided by the norm of that mean
+    (``mlerp_norm="mean"``, the paper) or of the destination as it was
+    (``"destination"``, OpenToMe), times the largest member norm.
+    """
+    slots = max(index) + 1
+    out = []
+    for slot in range(slots):
+        members = [t for t in range(len(tokens)) if index[t] == slot]
+        if len(members) == 1:
+            out.append(list(tokens[members[0]]))
+            continue
+        (destination,) = [t for t in members if t % 2 == 1]
+        if mode == "prune":
+            out.append(list(tokens[destination]))
+            continue
+        channels = len(tokens[0])
+        mean = [sum(tokens[t][c] for t in members) / len(members) for c in range(channels)]
+        largest = max(norm(tokens[t]) for t in members)
+        below = norm(mean) if mlerp_norm == "mean" else norm(tokens[destination])
+        out.append([v / max(below, EPS) * largest for v in mean])
+    return out
