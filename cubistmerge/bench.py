@@ -64,7 +64,7 @@ __all__ = [
 
 MERGE_SCOPE_PREFIX = "cubistmerge::"
 _FORWARD_SCOPE = "cubistmerge_bench.forward"  # must not start with MERGE_SCOPE_PREFIX
-METHODS = ("none", *PATCH_METHODS)  # "none": an unpatched copy
+METHODS = ("none", *PATCH_METHODS, "resize")  # "none": an unpatched copy; "resize": cubistmerge.resize
 
 
 class BenchConfigError(ValueError):
@@ -435,13 +435,16 @@ def _model_img_size(model: nn.Module) -> int:
     return int(input_size[-1])
 
 
-def _make_copy(baseline: nn.Module, variant: Variant) -> nn.Module:
+def _make_copy(baseline: nn.Module, variant: Variant, example: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(baseline)
     if variant.method == "none":
         return model
     from .patch import patch
+    from .resize import resize_from_options
 
     try:
+        if variant.method == "resize":
+            return resize_from_options(model, variant.options, example)
         return patch(model, method=variant.method, **variant.options)
     except (ValueError, TypeError) as error:  # UnsupportedModelError is a TypeError
         raise BenchConfigError(f"cannot apply {variant.name!r}: {error}") from error
@@ -652,12 +655,11 @@ def benchmark(
     base = build_model(model_name, img_size=img_size, checkpoint=checkpoint, pretrained=pretrained, seed=seed)
     size = img_size if img_size is not None else _model_img_size(base)
     base = base.to(device=dev, dtype=torch_dtype)
-    labels = ["baseline"] + [v.name for v in parsed]
-    models = [base] + [_make_copy(base, v) for v in parsed]
-
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, size, size, generator=generator).to(device=dev, dtype=torch_dtype)
     single = images[:1].clone()
+    labels = ["baseline"] + [v.name for v in parsed]
+    models = [base] + [_make_copy(base, v, single) for v in parsed]
 
     say("counting FLOPs")
     flops: list[int] = []

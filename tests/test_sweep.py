@@ -9,8 +9,8 @@ import timm
 import torch
 from torch import nn
 
-from cubistmerge.bench import Variant
-from cubistmerge.sweep import SweepConfigError, SweepResult, parse_setting, run_sweep, series_of
+from cubistmerge.bench import RunStats, Variant
+from cubistmerge.sweep import SweepConfigError, SweepResult, SweepRow, parse_setting, run_sweep, series_of
 
 
 @pytest.mark.parametrize(
@@ -47,9 +47,13 @@ def test_parse_setting_errors(text, message):
 
 
 def test_series_separates_curves_by_options_other_than_the_amount():
-    assert series_of("cubist", {"r": 2, "loc": 2}) == series_of("cubist", {"r": 3, "loc": 5}) == "CubistMerge"
+    assert series_of("cubist", {"r": 2, "loc": 2}) == series_of("cubist", {"r": 3, "loc": 2}) == "CubistMerge loc=2"
+    # Another place of reduction is another curve: one curve never mixes two.
+    assert series_of("cubist", {"r": 3, "loc": 5}) == "CubistMerge loc=5"
     assert series_of("cubist", {"r": 2, "metric": "l2"}) == "CubistMerge metric=l2"
     assert series_of("tome", {"r": [1, 2]}) == "ToMe"
+    assert series_of("pitome", {"ratio": 0.9}) == "PiToMe"
+    assert series_of("resize", {"size": 196}) == series_of("resize", {"flop_ratio": 1.3}) == "lower resolution"
 
 
 class _AgreementTask:
@@ -109,7 +113,12 @@ def test_run_sweep_measures_every_setting_against_the_unmerged_copy(tiny_vit, tm
         assert len(row.ms_per_call.samples) == 2 and len(row.paired_speedup.samples) == 2
         assert row.speedup == pytest.approx(reference.ms_per_call.median / row.ms_per_call.median)
         assert result.delta(row) == pytest.approx(row.metrics["agreement"] - 1.0)
-    assert [row.series for row in result.rows] == ["unmerged", "CubistMerge", "CubistMerge metric=l2", "ToMe"]
+    assert [row.series for row in result.rows] == [
+        "unmerged",
+        "CubistMerge loc=1",
+        "CubistMerge loc=1 metric=l2",
+        "ToMe",
+    ]
     assert result.setup["command"] == "test" and result.setup["model"] == "vit_tiny (random)"
     assert result.setup["speed_input"] == [2, 3, 64, 64]
 
@@ -134,3 +143,27 @@ def test_run_sweep_errors_name_the_setting(tiny_vit):
         run_sweep(task, tiny_vit, [Variant("tome", {"r": 1}, label="unmerged")], runs=1, progress=False)
     with pytest.raises(SweepConfigError, match="runs >= 1"):
         run_sweep(task, tiny_vit, ["tome r=1"], runs=0, progress=False)
+
+
+def _row(label: str, speedup: float, quality: float, method: str = "cubist") -> SweepRow:
+    stats = RunStats.of([1.0])
+    return SweepRow(label, method, {}, label, {"q": quality}, speedup, stats, stats, 1, speedup)
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_pareto_front_and_best_at(higher_is_better):
+    sign = 1 if higher_is_better else -1
+    rows = [
+        _row("unmerged", 1.0, sign * 1.0, "none"),
+        _row("a", 1.2, sign * 0.9),
+        _row("b", 1.3, sign * 0.95),  # beats a on both
+        _row("c", 1.5, sign * 0.8),
+        _row("d", 1.4, sign * 0.7),  # slower and worse than c
+        _row("e", 1.1, sign * 0.99),
+    ]
+    result = SweepResult("toy", "q", higher_is_better, rows)
+    assert [r.label for r in result.pareto_front()] == ["unmerged", "e", "b", "c"]
+    assert [r.label for r in result.pareto_front(lambda r: -r.speedup)] == ["unmerged"]  # slower is "faster" here
+    assert result.best_at(1.2).label == "b"
+    assert result.best_at(1.45).label == "c"
+    assert result.best_at(1.6) is None

