@@ -123,11 +123,13 @@ def merge_apply_unmerge_in_windows(
     window: int,
     r: int,
     fn: Callable[[torch.Tensor], torch.Tensor],
+    metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ToMe's merge -> compute -> unmerge, inside every window of a grid.
 
     In each window the tokens are matched by bipartite soft matching on
-    themselves and ``r`` of them are merged away (means); an edge window with
+    ``metric`` (ToMe's: the attention keys averaged over heads; ``x`` itself
+    when None) and ``r`` of them are merged away (means); an edge window with
     only ``n`` real tokens (never padding) merges ``floor(r * n / window**2)``.
     ``fn`` runs on the remaining tokens and every original token receives its
     group's output. This is how the ToMe baseline runs on window-attention encoders,
@@ -139,6 +141,7 @@ def merge_apply_unmerge_in_windows(
         window: tile size for matching (the attention window size).
         r: tokens merged away in every full window, 0 <= r <= window**2 // 2.
         fn: token-wise function (B', N', C) -> (B', N', C_out).
+        metric: (B, H, W, C_m) features to match on, or None for ``x``.
 
     Returns:
         (B, H, W, C_out).
@@ -147,6 +150,10 @@ def merge_apply_unmerge_in_windows(
     if not 0 <= r <= full // 2:
         raise ValueError(f"r = {r} tokens per {window}x{window} window is not possible: allowed 0 to {full // 2}")
     B, H, W, C = x.shape
+    if metric is None:
+        metric = x
+    elif metric.shape[:3] != x.shape[:3]:
+        raise ValueError(f"metric {tuple(metric.shape)} must cover the grid of x {tuple(x.shape)}")
     rows = []
     for h0, h1, height, n_rows in _bands(H, window):
         cols = []
@@ -155,7 +162,8 @@ def merge_apply_unmerge_in_windows(
             # overhead ToMe adds, not the (smaller) MLP it runs.
             with torch.profiler.record_function("cubistmerge::tome_merge"):
                 tokens = _to_windows(x[:, h0:h1, w0:w1], n_rows, n_cols, height, width).flatten(1, 2)
-                match = match_bipartite(tokens, min(r * height * width // full, height * width // 2))
+                features = _to_windows(metric[:, h0:h1, w0:w1], n_rows, n_cols, height, width).flatten(1, 2)
+                match = match_bipartite(features, min(r * height * width // full, height * width // 2))
                 merged, _ = merge_matched(tokens, match)
             computed = fn(merged)
             with torch.profiler.record_function("cubistmerge::tome_unmerge"):

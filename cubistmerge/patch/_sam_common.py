@@ -30,15 +30,17 @@ blocks is clustered as one grid.
 ToMe (the baseline) cannot feed window attention, relative positions or the
 neck with its unordered tokens, so here it merges only around the token-wise
 part: in every block, inside every window-sized tile, ``r`` tokens are merged
-by bipartite soft matching on the normed tokens, the MLP runs on the rest, and
-its output is unmerged before the residual ("unmerge before every spatial
-operation"). Attention always sees the full grid, so ToMe's speed-up here is
-bounded by the MLP's share of the FLOPs.
+by bipartite soft matching on ToMe's metric (the keys of the block's own
+attention, averaged over heads), the MLP runs on the rest, and its output is
+unmerged before the residual ("unmerge before every spatial operation").
+Attention always sees the full grid, so ToMe's speed-up here is bounded by the
+MLP's share of the FLOPs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -82,6 +84,50 @@ class SamBlockRunner:
 
     window_size_of: Callable[[nn.Module], int]
     forward_with_window: Callable[..., torch.Tensor]  # (block, x, window_size, mlp=None) -> x
+    # (attention module, output of its qkv Linear) -> (B', N, head_dim) keys averaged over heads, where B' counts
+    # the attention's batch (windows) and N its tokens; what ToMe matches on
+    keys_from_qkv: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def captured_keys(attn: nn.Module, keys_from_qkv) -> Iterator[list[torch.Tensor]]:
+    """Collect the keys (averaged over heads) every call of ``attn`` computes, from its ``qkv`` Linear."""
+    keys: list[torch.Tensor] = []
+    handle = attn.qkv.register_forward_hook(lambda _module, _inputs, out: keys.append(keys_from_qkv(attn, out)))
+    try:
+        yield keys
+    finally:
+        handle.remove()
+
+
+def keys_on_grid(keys: torch.Tensor, window: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-window keys (B * nH * nW, window**2, d) of zero-padded windows, or (B, H*W, d) -> (B, H, W, d).
+
+    Windows tile the padded grid row-major from the top-left, as SAM's and TinyViT's window partitions do;
+    padding is cut off.
+    """
+    H, W = grid
+    d = keys.shape[-1]
+    if window <= 0:
+        return keys.reshape(-1, H, W, d)
+    n_h, n_w = -(-H // window), -(-W // window)
+    batch = keys.shape[0] // (n_h * n_w)
+    padded = keys.reshape(batch, n_h, n_w, window, window, d).permute(0, 1, 3, 2, 4, 5)
+    return padded.reshape(batch, n_h * window, n_w * window, d)[:, :H, :W]
+
+
+def tome_mlp(keys: list[torch.Tensor], window: int, tile: int, r: int) -> TokenFunction:
+    """The MLP of a ToMe block around which tokens are merged: matching on this block's attention keys.
+
+    ``keys`` is filled by :func:`captured_keys` during the block's attention (which runs before its MLP);
+    ``window`` is the window that attention used (0: global), ``tile`` the matching tile.
+    """
+
+    def merged_mlp(normed: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        metric = keys_on_grid(keys[-1], window, tuple(normed.shape[1:3]))
+        return merge_apply_unmerge_in_windows(normed, tile, r, mlp, metric=metric)
+
+    return merged_mlp
 
 
 def window_size_of_model(blocks: nn.Module, runner: SamBlockRunner) -> int:
@@ -231,14 +277,17 @@ def _tome_block(
         step, args = block, (x,)
     else:
         tile = window or max(x.shape[1:3])
-
-        def merged_mlp(normed: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
-            return merge_apply_unmerge_in_windows(normed, tile, r, mlp)
-
-        step, args = partial(runner.forward_with_window, mlp=merged_mlp), (block, x, runner.window_size_of(block))
+        step, args = partial(_tome_step, runner=runner, r=r, tile=tile), (block, x)
     if checkpointing:
         return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
     return step(*args)
+
+
+def _tome_step(block: nn.Module, x: torch.Tensor, *, runner: SamBlockRunner, r: int, tile: int) -> torch.Tensor:
+    """One block with ToMe around its MLP, matching on the keys of the block's own attention."""
+    block_window = runner.window_size_of(block)
+    with captured_keys(block.attn, runner.keys_from_qkv) as keys:
+        return runner.forward_with_window(block, x, block_window, mlp=tome_mlp(keys, block_window, tile, r))
 
 
 def recover_grid(x: torch.Tensor, recover: GridRecover | None) -> torch.Tensor:

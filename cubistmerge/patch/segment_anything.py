@@ -81,7 +81,17 @@ def block_forward_with_window(
     return x + (block.mlp(normed) if mlp is None else mlp(normed, block.mlp))
 
 
-RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
+def keys_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """segment_anything attention: its qkv output (B', h, w, 3 * dim) -> keys averaged over heads (B', h * w, d)."""
+    B = qkv.shape[0]
+    return qkv.reshape(B, -1, 3, attn.num_heads, qkv.shape[-1] // (3 * attn.num_heads))[:, :, 1].mean(dim=2)
+
+
+RUNNER = SamBlockRunner(
+    window_size_of=lambda block: block.window_size,
+    forward_with_window=block_forward_with_window,
+    keys_from_qkv=keys_from_qkv,
+)
 
 
 def patch(

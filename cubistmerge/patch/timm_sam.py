@@ -72,7 +72,19 @@ def block_forward_with_window(
     return x + block.drop_path2(block.ls2(y))
 
 
-RUNNER = SamBlockRunner(window_size_of=lambda block: block.window_size, forward_with_window=block_forward_with_window)
+def keys_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """timm samvit attention: its qkv output (B', N, 3 * dim) -> keys after k_norm, averaged over heads (B', N, d)."""
+    B, N, _ = qkv.shape
+    keys = qkv.view(B, N, 3, attn.num_heads, -1)[:, :, 1]  # (B', N, heads, d)
+    # k_norm normalises every head's vector (over d), so it applies to this layout as to the attention's.
+    return attn.k_norm(keys).mean(dim=2)
+
+
+RUNNER = SamBlockRunner(
+    window_size_of=lambda block: block.window_size,
+    forward_with_window=block_forward_with_window,
+    keys_from_qkv=keys_from_qkv,
+)
 
 
 def patch(

@@ -11,8 +11,9 @@ it is recovered to the full grid before a downsampling stage and at the end,
 so the head or SAM's neck gets the full grid.
 
 ToMe (baseline) merges, as on SAM, only around the MLP: inside every window
-``r`` tokens (per full window) are merged by bipartite soft matching, the MLP
-runs on the rest and its output is unmerged before the residual.
+``r`` tokens (per full window) are merged by bipartite soft matching on the
+keys of the block's attention (averaged over heads), the MLP runs on the rest
+and its output is unmerged before the residual.
 
 ``windows`` as for SAM: ``"window"`` reduces inside every attention window
 (blocks then use the smaller window and their per-offset bias table is
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 from timm.models.tiny_vit import PatchMerging, TinyVit, TinyVitBlock, TinyVitStage
 
 from ..merge.cubist import Recover, cubist_merge
-from ..merge.windows import cubist_merge_windows, merge_apply_unmerge_in_windows
-from ._sam_common import WINDOW_MODES, TokenFunction
+from ..merge.windows import cubist_merge_windows
+from ._sam_common import WINDOW_MODES, TokenFunction, captured_keys, tome_mlp
 from ._swap import options_of, restore_class, swap_class
 from ._tokens import store_grid_source
 from .options import CubistOptions, ToMeOptions
@@ -172,6 +173,12 @@ def _window_attention(attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> t
     return attn.proj(out.transpose(1, 2).reshape(B, N, attn.out_dim))
 
 
+def keys_from_qkv(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    """TinyViT attention: its qkv output (B', N, heads * (2 * key_dim + val_dim)) -> keys averaged over heads."""
+    B, N, _ = qkv.shape
+    return qkv.view(B, N, attn.num_heads, -1)[..., attn.key_dim : 2 * attn.key_dim].mean(dim=2)
+
+
 def block_forward_with_window(
     block: TinyVitBlock, x: torch.Tensor, window: int, mlp: TokenFunction | None = None
 ) -> torch.Tensor:
@@ -252,12 +259,9 @@ class _MergingTinyVit:
                 if r == 0:
                     x = block(x)
                 else:
-                    tile = block.window_size
-
-                    def merged_mlp(tokens: torch.Tensor, mlp: nn.Module, r: int = r, tile: int = tile):
-                        return merge_apply_unmerge_in_windows(tokens, tile, r, mlp)
-
-                    x = block_forward_with_window(block, x, block.window_size, mlp=merged_mlp)
+                    window = block.window_size
+                    with captured_keys(block.attn, keys_from_qkv) as keys:
+                        x = block_forward_with_window(block, x, window, mlp=tome_mlp(keys, window, window, r))
                 index += 1
             x = x.permute(0, 3, 1, 2)
         return x
