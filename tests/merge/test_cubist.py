@@ -532,3 +532,16 @@ def test_one_pass_rejects_out_of_range_r():
         merge_sequences(x, 3)
     with pytest.raises(ValueError, match="0 to"):
         merge_sequences(x, -1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matching_equals_float32_matching_on_the_same_values(dtype, metric):
+    """Neighbour scores are computed in float32 for bf16/fp16 grids: the merge groups equal those of the same
+    values held in float32 (continuous inputs have no ties)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 14, 14, 32, generator=generator).to(dtype)
+    for r in ((1, 1), (2, 3), (7, 7)):
+        _, low = cubist_merge(x, *r, metric=metric)
+        _, full = cubist_merge(x.float(), *r, metric=metric)
+        assert torch.equal(low.index, full.index)

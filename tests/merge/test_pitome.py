@@ -383,3 +383,14 @@ def test_bad_block_count_raises(blocks):
         pitome_margins(blocks)
     with pytest.raises(ValueError, match="num_blocks"):
         pitome_bsm_blocks(blocks)
+
+
+@VARIANTS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matching_equals_float32_matching_on_the_same_values(dtype, bsm):
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(3, 41, 16, generator=generator).to(dtype)
+    for r in (1, 8, 20):
+        low = match_pitome(metric, r, margin=0.5, bsm=bsm, num_protected=1)
+        full = match_pitome(metric.float(), r, margin=0.5, bsm=bsm, num_protected=1)
+        assert torch.equal(low.index, full.index)

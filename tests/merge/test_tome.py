@@ -401,3 +401,16 @@ def test_merge_matched_equals_merge_weighted(batch, tokens, protected, channels,
     assert torch.allclose(x_fast.grad, x_slow.grad, atol=1e-12)
     with torch.no_grad():  # the in-place path
         assert torch.allclose(merge_matched(x, match, size)[0], slow, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["official", "spatial"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_matching_equals_float32_matching_on_the_same_values(dtype, order):
+    """Scores are computed in float32 for low-precision inputs: the choice equals matching the same values
+    held in float32 (ties aside, which continuous inputs do not have); in bf16/fp16 arithmetic it would not."""
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(4, 61, 16, generator=generator).to(dtype)
+    for r in (1, 10, 30):
+        low = match_bipartite(metric, r, num_protected=1, order=order)
+        full = match_bipartite(metric.float(), r, num_protected=1, order=order)
+        assert torch.equal(low.index, full.index)
