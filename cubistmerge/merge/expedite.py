@@ -9,9 +9,10 @@ Clustering (:func:`expedite_cluster`):
 
 1. Initial centres: adaptive average pooling of the grid to (h, w)
    (``torch.nn.functional.adaptive_avg_pool2d``).
-2. Every token (i, j) has an *initial cell* (floor(i * h / H), floor(j * w / W))
-   of the h x w grid (what nearest-neighbour resizing of the cell map to
-   H x W gives, and always a cell whose pooling region contains the token).
+2. Every token (i, j) has an *initial cell* of the h x w grid: what
+   nearest-neighbour resizing of the cell map to H x W gives it, as in the
+   authors' code (``F.interpolate(mode="nearest")``: floor(i * h / H) with the
+   scale in float32, one cell off exact arithmetic for a few sizes).
    It may only join the centres within a ``neighbourhood`` x ``neighbourhood``
    square (default 5 x 5) around that cell.
 3. ``iterations`` (default 5) rounds of soft k-means: every token's soft
@@ -141,15 +142,22 @@ def _check_settings(neighbourhood: object, iterations: object, temperature: obje
 def initial_cells(grid: tuple[int, int], out_hw: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """Flat index ``a * w + b`` of every token's initial cell, (H * W,) long.
 
-    Token (i, j) of an H x W grid starts in cell (floor(i * h / H), floor(j * w / W))
-    of the h x w grid (h <= H, w <= W): exact integer arithmetic, the same map
-    as nearest-neighbour resizing, and the cell's adaptive-average-pooling
-    region always contains the token. Every cell holds at least one token.
+    Token (i, j) of an H x W grid starts in the cell that nearest-neighbour
+    resizing of the h x w cell map to H x W gives it (h <= H, w <= W), computed
+    by ``F.interpolate(mode="nearest")`` as the authors' code does: that is
+    floor(i * h / H) with the scale in float32, which for some sizes (e.g.
+    H = 44, h = 26) differs from exact integer arithmetic by one cell. Every
+    cell holds at least one token.
     """
     (H, W), (h, w) = grid, out_hw
-    rows = torch.arange(H, device=device) * h // H
-    cols = torch.arange(W, device=device) * w // W
+    rows, cols = _nearest_cells(H, h, device), _nearest_cells(W, w, device)
     return (rows[:, None] * w + cols[None, :]).reshape(H * W)
+
+
+def _nearest_cells(size: int, cells: int, device: torch.device | None) -> torch.Tensor:
+    """(size,) long: the cell of each of ``size`` positions when ``cells`` cells are resized to ``size`` (nearest)."""
+    labels = torch.arange(cells, device=device, dtype=torch.float32).reshape(1, 1, cells)
+    return F.interpolate(labels, size=size, mode="nearest").reshape(size).long()
 
 
 def neighbourhood_mask(
@@ -166,8 +174,8 @@ def neighbourhood_mask(
     """
     (H, W), (h, w) = grid, out_hw
     radius = neighbourhood // 2
-    row_cell = torch.arange(H, device=device) * h // H  # (H,)
-    col_cell = torch.arange(W, device=device) * w // W  # (W,)
+    row_cell = _nearest_cells(H, h, device)  # (H,)
+    col_cell = _nearest_cells(W, w, device)  # (W,)
     row_ok = (row_cell[:, None] - torch.arange(h, device=device)[None, :]).abs() <= radius  # (H, h)
     col_ok = (col_cell[:, None] - torch.arange(w, device=device)[None, :]).abs() <= radius  # (W, w)
     return (row_ok[:, None, :, None] & col_ok[None, :, None, :]).reshape(H * W, h * w)

@@ -33,7 +33,9 @@ def _allowed_by_loops(H: int, W: int, h: int, w: int, neighbourhood: int) -> tor
     allowed = torch.zeros(H * W, h * w, dtype=torch.bool)
     for i in range(H):
         for j in range(W):
-            a0, b0 = i * h // H, j * w // W
+            # torch's nearest resizing: the scale h / H in float32 (as the authors' code uses it)
+            a0 = min(math.floor(i * float(torch.tensor(h / H, dtype=torch.float32))), h - 1)
+            b0 = min(math.floor(j * float(torch.tensor(w / W, dtype=torch.float32))), w - 1)
             for a in range(h):
                 for b in range(w):
                     allowed[i * W + j, a * w + b] = abs(a - a0) <= radius and abs(b - b0) <= radius
