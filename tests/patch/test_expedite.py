@@ -20,6 +20,8 @@ import cubistmerge
 from cubistmerge.merge import expedite_cluster
 from cubistmerge.patch import UnsupportedModelError
 
+from .._precision import low_precision_errors
+
 # --------------------------------------------------------------------------- plain ViTs
 
 VITS = {
@@ -164,8 +166,10 @@ def test_vit_batch_independence_dtypes_and_gradients():
         together = model.forward_features(x)
         alone = torch.cat([model.forward_features(x[i : i + 1]) for i in range(3)])
         assert (together - alone).abs().max() <= 1e-4
-        half = model.to(torch.bfloat16)(x.to(torch.bfloat16))
-    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    # bf16: as close to float32 as the unmerged model is (measured ratio 0.79).
+    unmerged = make_vit("vit_small_patch14_reg4_dinov2", drop_path_rate=0.1).eval()
+    errors = low_precision_errors(unmerged, model, x, torch.bfloat16)
+    assert errors[1] <= 2 * errors[0]
     model.float().train()
     for checkpointing in (False, True):
         model.set_grad_checkpointing(checkpointing)
@@ -372,8 +376,9 @@ def test_sam_batch_independence_dtypes_and_gradients(kind, sam_images):
         together = encode(model, sam_images)
         alone = torch.cat([encode(model, sam_images[i : i + 1]) for i in range(2)])
         assert (together - alone).abs().max() <= 1e-4
-        half = encode(model.to(torch.bfloat16), sam_images.to(torch.bfloat16))
-    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    # bf16: as close to float32 as the unmerged encoder is.
+    errors = low_precision_errors(make_sam_encoder(kind), model, sam_images, torch.bfloat16, encode)
+    assert errors[1] <= 2 * errors[0]
     model.float().train()
     encode(model, sam_images).square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}

@@ -10,7 +10,10 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.predictor import SamPredictor
 
 import cubistmerge
+from cubistmerge.merge import cubist as cubist_module
 from cubistmerge.patch import UnsupportedModelError
+
+from .._precision import low_precision_errors
 
 IMG = 256  # 16x16 grid, 7x7 windows: the last window row/column holds 2 real tokens (and 5 of padding)
 
@@ -137,9 +140,12 @@ def test_batch_independence_dtypes_and_gradients(kind, images):
         together = encode(model, images)
         alone = torch.cat([encode(model, images[i : i + 1]) for i in range(2)])
     assert (together - alone).abs().max() <= 1e-4
-    with torch.no_grad():
-        half = encode(model.to(torch.bfloat16), images.to(torch.bfloat16))
-    assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
+    # bf16: as close to float32 as the unmerged encoder is (mean merges: max-magnitude selections flip near
+    # ties; the float32 run replays the bf16 run's matching). Measured ratio 0.96 (timm), 1.12 (official).
+    merged = cubistmerge.patch(make_encoder(kind), "cubist", r=(1, 1), loc=1, representation="mean")
+    choices = ((cubist_module, "match_neighbours"),)
+    errors = low_precision_errors(make_encoder(kind), merged, images, torch.bfloat16, encode, choices=choices)
+    assert errors[1] <= 2 * errors[0]
     model.float().train()
     encode(model, images).square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters()}

@@ -12,10 +12,13 @@ from timm.layers import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
 from timm.models.eva import Eva
 
 import cubistmerge
+from cubistmerge.merge import cubist as cubist_module
 from cubistmerge.merge.tome import match_bipartite, merge_matched
-from cubistmerge.patch import UnsupportedModelError, timm_eva
+from cubistmerge.patch import UnsupportedModelError, _after_attention, timm_eva
 from cubistmerge.patch._tokens import patch_grid
 from cubistmerge.patch.state import MergeState
+
+from .._precision import low_precision_errors
 
 # Small variants of real timm configs: same classes, prefix tokens and RoPE, a few blocks and
 # small images so the suite stays fast on 2 CPU cores.
@@ -499,18 +502,20 @@ def test_attention_mask_equals_unpatched_without_reduction():
 # --------------------------------------------------------------------- dtypes, training, gradients
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_dtypes(model_key, setting, dtype):
-    model = patch_with(make_model(model_key), setting)
-    x = images_for(model)
-    with torch.no_grad():
-        expected = model(x)
-        model.to(dtype)
-        out = model(x.to(dtype))
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    # The same merges in low precision (bf16 may flip a near tie of the matching).
-    assert F.cosine_similarity(out.float().flatten(), expected.flatten(), dim=0) > 0.98
+    """In bf16 / fp16 the merged model is as close to itself in float32 as the unmerged model is to itself.
+
+    CubistMerge with mean merges (max-magnitude selections flip near ties of magnitudes, see test_timm_vit);
+    the float32 run replays the low-precision run's matching. Measured ratio at most 1.2; bound 2.
+    """
+    model = make_model(model_key)
+    extra = {"representation": "mean"} if method_of(setting) == "cubist" else {}
+    merged = patch_with(copy.deepcopy(model), setting, **extra)
+    choices = ((cubist_module, "match_neighbours"), (_after_attention, "match_bipartite"))
+    unmerged_error, merged_error = low_precision_errors(model, merged, images_for(model), dtype, choices=choices)
+    assert merged_error <= 2 * unmerged_error
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

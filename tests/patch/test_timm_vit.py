@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 import cubistmerge
-from cubistmerge.patch import UnsupportedModelError
+from cubistmerge.merge import cubist as cubist_module
+from cubistmerge.patch import UnsupportedModelError, _after_attention
+
+from .._precision import low_precision_errors
+
+# The matching functions whose choices a float32 run replays from a low-precision one.
+CHOICES = ((cubist_module, "match_neighbours"), (_after_attention, "match_bipartite"))
 
 # Small variants of real timm configs: same classes, prefix tokens and options,
 # a few blocks and small images so the suite stays fast on 2 CPU cores.
@@ -325,18 +331,23 @@ def test_bad_attention_mask_shape():
 # --------------------------------------------------------------------- dtypes, training, gradients
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("method", list(SETTINGS))
+# Smooth merges (means): max-magnitude selections flip where two members' magnitudes are within rounding of
+# each other, which on random weights moves the output by up to ~40x the unmerged model's own bf16 error.
+PRECISION_SETTINGS = {"cubist": dict(SETTINGS["cubist"], representation="mean"), "tome": SETTINGS["tome"]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", list(PRECISION_SETTINGS))
 def test_dtypes(method, dtype):
-    model = make_model("vit_small_patch14_reg4_dinov2").to(dtype)
-    x = images_for(model).to(dtype)
-    with torch.no_grad():
-        expected = model(x).float()
-        cubistmerge.patch(model, method, **SETTINGS[method])
-        out = model(x)
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    # Merging changes the result, but not into something unrelated.
-    assert torch.nn.functional.cosine_similarity(out.float().flatten(), expected.flatten(), dim=0) > 0.9
+    """In bf16 / fp16 the merged model is as close to itself in float32 as the unmerged model is to itself.
+
+    The float32 run replays the low-precision run's matching (a flipped near tie is not an arithmetic error).
+    Measured ratio (merged error / unmerged error): at most 1.2 over the families' tests; bound 2.
+    """
+    model = make_model("vit_small_patch14_reg4_dinov2")
+    merged = cubistmerge.patch(copy.deepcopy(model), method, **PRECISION_SETTINGS[method])
+    unmerged_error, merged_error = low_precision_errors(model, merged, images_for(model), dtype, choices=CHOICES)
+    assert merged_error <= 2 * unmerged_error
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
