@@ -253,22 +253,16 @@ def test_tokens_rope_is_per_image_at_the_member_means():
 
 
 @pytest.mark.parametrize("key", list(MODELS))
-def test_rope_modes_differ_and_are_sensible(key):
+def test_rope_modes_differ(key):
+    """Each mode is checked exactly against a hand-built forward in test_timm_eva_reference.py."""
     model = position_sensitive(make_model(key))
     x = images_for(model)
     with torch.no_grad():
-        reference = model.forward_features(x)
         out = {}
         for mode in ("grid", "tokens"):
             cubistmerge.patch(model, "cubist", r=(1, 2), loc=1, rope=mode)
             out[mode] = model.forward_features(x)
     assert (out["grid"] - out["tokens"]).abs().max() > 1e-3  # well above rounding
-    for mode in out:
-        assert torch.isfinite(out[mode]).all()
-        # 36 -> 20 tokens in a 4-block model changes the features, but not into something unrelated ...
-        assert F.cosine_similarity(out[mode].flatten(1), reference.flatten(1)).min() > 0.5
-    # ... and the two placements of the same merged tokens agree far more closely with each other.
-    assert F.cosine_similarity(out["grid"].flatten(1), out["tokens"].flatten(1)).min() > 0.999
 
 
 def test_tome_positions_are_the_size_weighted_means():
@@ -360,8 +354,7 @@ def test_other_family_members(key, setting):
         patch_with(model, setting)
         out = model(x)
     assert out.shape == expected.shape and torch.isfinite(out).all()
-    assert (out - expected).abs().max() > 0  # something was merged
-    assert F.cosine_similarity(out.flatten(1), expected.flatten(1)).min() > 0.5
+    # Values: exact against a hand-built forward in test_timm_eva_reference.py (FAMILY_MEMBERS).
 
 
 def test_intermediates_after_reduction_are_recovered_grids():

@@ -1,11 +1,17 @@
-"""CubistMerge and ToMe on timm's RoPE ViTs (``eva.Eva``: DINOv3, EVA-02) equal a hand-built forward (float64).
+"""CubistMerge and ToMe on timm's ``eva.Eva`` family equal a hand-built forward (float64).
+
+Members: DINOv3 and EVA-02 (``EvaBlock`` with ``EvaAttention``), the Perception
+Encoder (``AttentionRope``: fused qkv with its own bias, xy-ordered RoPE with
+grid offset 1 and a reference grid, pre-transformer norm, attention-pooling
+head), EVA-02 with post-norm blocks (``EvaBlockPostNorm``: ``x + norm1(attn(x))``,
+``x + norm2(mlp(x))``) and EVA-02 without RoPE.
 
 The reference forward is written out here from the model's own submodules
-(norm1, the fused qkv weight and q/k/v biases, q/k norm, attention norm, proj,
-LayerScale ``gamma_1``/``gamma_2``, norm2, MLP, final norm, head) and the loop
-references of ``tests/merge/reference.py``. The rotary embedding of merged
+(norm1, the fused qkv weight and its bias or the q/k/v biases, q/k norm,
+attention norm, proj, LayerScale ``gamma_1``/``gamma_2``, norm2, MLP, final
+norm, head) and the loop references of ``tests/merge/reference.py``. The rotary embedding of merged
 tokens is computed here from the RoPE module's frequencies (``periods`` for
-DINOv3, ``bands`` for EVA-02's ``RotaryEmbeddingCat``) and its coordinate
+DINOv3, ``bands`` for the ``RotaryEmbeddingCat`` of EVA-02 and PE) and its coordinate
 convention, and applied to the queries and keys of the patch tokens only
 (class and storage tokens are never rotated). Nothing of ``cubistmerge`` runs
 in the reference.
@@ -42,8 +48,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import RotaryEmbeddingCat, RotaryEmbeddingDinoV3
-from timm.models.eva import Eva, EvaBlock
+from timm.layers import AttentionRope, RotaryEmbeddingCat, RotaryEmbeddingDinoV3
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 
 import cubistmerge
 
@@ -64,6 +70,21 @@ MODELS = {
     # (the key bias is a buffer), SwiGLU, no LayerScale, fc_norm; 10 x 6 grid.
     "eva02_tiny_patch14_224": dict(img_size=(140, 84), depth=4, embed_dim=64, num_heads=2),
 }
+# The other members of the family: other attention, other block, no RoPE.
+FAMILY_MEMBERS = {
+    # Perception Encoder: AttentionRope (fused qkv with a plain bias), CLS, index RoPE with grid offset 1 rescaled
+    # to ref_feat_shape (24, 24) in xy channel order, interleaved layout, norm_pre, attention pooling ('map') and a
+    # classifier; 6 x 10 grid (non-square, so the xy order matters).
+    "vit_pe_core_tiny_patch16_384": dict(img_size=(96, 160), depth=4, embed_dim=64, num_heads=2, num_classes=7),
+    # EVA-02 with post-norm blocks: x + norm1(attn(x)), x + norm2(mlp(x)), no LayerScale; 10 x 6 grid.
+    "eva02_tiny_patch14_224:postnorm": dict(img_size=(140, 84), depth=4, embed_dim=64, num_heads=2,
+                                            use_post_norm=True),
+    # EVA-02 without RoPE (absolute position embedding only): merged tokens need no positions; 10 x 6 grid.
+    "eva02_tiny_patch14_224:norope": dict(img_size=(140, 84), depth=4, embed_dim=64, num_heads=2,
+                                          use_rot_pos_emb=False),
+}
+ALL_MODELS = [*MODELS, *FAMILY_MEMBERS]
+ROPE_MODELS = [key for key in ALL_MODELS if not key.endswith(":norope")]
 
 # CubistMerge reductions: {block: (r_h, r_w)}. DINOv3 6x10 -> 4x8; EVA-02 10x6 -> 8x4; two stages
 # 6x10 -> 5x8 -> 4x7 and 10x6 -> 9x4 -> 8x3 (reduced cells of unequal sizes along each axis).
@@ -89,8 +110,13 @@ def one_thread():
 def make_model(key: str) -> Eva:
     """The model, built once per key; read-only (every patch works on a deep copy)."""
     torch.manual_seed(0)
-    model = timm.create_model(key.split(":")[0], pretrained=False, **MODELS[key]).double().eval()
-    assert all(type(block) is EvaBlock for block in model.blocks)
+    config = {**MODELS, **FAMILY_MEMBERS}[key]
+    model = timm.create_model(key.split(":")[0], pretrained=False, **config).double().eval()
+    post_norm = config.get("use_post_norm", False)
+    assert all(type(block) is (EvaBlockPostNorm if post_norm else EvaBlock) for block in model.blocks)
+    assert all(type(block.attn) is (AttentionRope if key.startswith("vit_pe") else EvaAttention)
+               for block in model.blocks)
+    assert (model.rope is None) == key.endswith(":norope")
     generator = torch.Generator().manual_seed(1)
 
     def draw(shape):
@@ -214,12 +240,21 @@ def rotate(t: torch.Tensor, embedding: torch.Tensor, half: bool) -> torch.Tensor
 # --------------------------------------------------------------------- the block, written out
 
 
+def qkv_bias(attn) -> torch.Tensor | None:
+    """EvaAttention: the q/k/v biases (the key bias a buffer), the Linear bias-free; AttentionRope: the Linear's."""
+    if isinstance(attn, EvaAttention):
+        assert attn.qkv.bias is None and not attn.qkv_bias_separate
+        return None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    assert isinstance(attn, AttentionRope) and attn.num_kv_groups == 1
+    return attn.qkv.bias
+
+
 def hand_attention(attn, x, rope, p: int, log_size, rotate_prefix: bool = False):
-    """EvaAttention by hand; returns (output, keys (B, heads, N, d) after k bias and k_norm, before RoPE)."""
-    assert attn.qkv is not None and attn.gate is None and attn.qkv.bias is None
+    """EvaAttention / AttentionRope by hand; returns (output, keys (B, heads, N, d) after the k bias and k_norm,
+    before RoPE). Both split the fused projection as (3, heads, head_dim) and rotate q and k of the patch tokens."""
+    assert attn.qkv is not None and attn.gate is None
     B, N, _ = x.shape
-    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    qkv = F.linear(x, attn.qkv.weight, bias).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias(attn)).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2]
     keys = k
     if rope is not None:
@@ -236,6 +271,10 @@ def hand_attention(attn, x, rope, p: int, log_size, rotate_prefix: bool = False)
 
 
 def attention_residual(block, x, rope, p, log_size=None, rotate_prefix=False):
+    """Pre-norm: x + gamma_1 * attn(norm1(x)); post-norm: x + norm1(attn(x))."""
+    if isinstance(block, EvaBlockPostNorm):
+        out, keys = hand_attention(block.attn, x, rope, p, log_size, rotate_prefix)
+        return x + block.norm1(out), keys
     out, keys = hand_attention(block.attn, block.norm1(x), rope, p, log_size, rotate_prefix)
     if block.gamma_1 is not None:
         out = block.gamma_1 * out
@@ -243,6 +282,9 @@ def attention_residual(block, x, rope, p, log_size=None, rotate_prefix=False):
 
 
 def mlp_residual(block, x):
+    """Pre-norm: x + gamma_2 * mlp(norm2(x)); post-norm: x + norm2(mlp(x))."""
+    if isinstance(block, EvaBlockPostNorm):
+        return x + block.norm2(block.mlp(x))
     out = block.mlp(block.norm2(x))
     if block.gamma_2 is not None:
         out = block.gamma_2 * out
@@ -281,7 +323,7 @@ def cubist_reference(model: Eva, images: torch.Tensor, stages: dict, rope_mode: 
         C = x.shape[-1]
         current = grid
         groups = [list(range(grid[0] * grid[1])) for _ in range(B)]  # original patch -> current slot
-        rope = None
+        rope, reduced = None, False
         for i, block in enumerate(model.blocks):
             if i in stages:
                 r_h, r_w = stages[i]
@@ -291,14 +333,17 @@ def cubist_reference(model: Eva, images: torch.Tensor, stages: dict, rope_mode: 
                 merged = torch.tensor([values for values, _ in results], dtype=x.dtype).reshape(B, -1, C)
                 x = torch.cat([x[:, :p], merged], dim=1)  # prefix tokens untouched
                 groups = [ref.compose(groups[b], results[b][1]) for b in range(B)]
-                if rope_mode == "grid":  # one embedding for the batch
+                reduced = True
+                if model.rope is None:  # no RoPE: merged tokens need no positions, whatever the mode
+                    rope = None
+                elif rope_mode == "grid":  # one embedding for the batch
                     centres = reduced_grid_centres(grid, current, dtype) + grid_shift
                     rope = rope_at(model.rope, centres, grid, dtype)
                 else:
                     slots = current[0] * current[1]
                     means = [member_means(groups[b], grid, slots, dtype) for b in range(B)]
                     rope = torch.stack([rope_at(model.rope, m, grid, dtype) for m in means]).unsqueeze(1)
-            if rope is None:  # before the first reduction: the model's own block
+            if not reduced:  # before the first reduction: the model's own block
                 x = block(x, rope=own_rope)
             else:
                 x = mlp_residual(block, attention_residual(block, x, rope, p, rotate_prefix=rotate_prefix)[0])
@@ -321,10 +366,39 @@ def gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.mark.parametrize("key", ALL_MODELS)
+def test_hand_built_blocks_are_the_models_own(key):
+    """Without merging, the written-out blocks (pre- or post-norm residuals, EvaAttention or AttentionRope, the
+    rotation, or none) reproduce the model's own blocks given the model's own RoPE (the reference's RoPE is
+    checked against it separately); the other residual order (pre-norm for post-norm blocks and vice versa)
+    does not."""
+    model = make_model(key)
+    images = images_for(model)
+    p = model.num_prefix_tokens
+    with torch.no_grad():
+        x, rope = embed(model, images)
+        assert (rope is None) == (model.rope is None)
+        for block in model.blocks:
+            expected = block(x, rope=rope)
+            ours = mlp_residual(block, attention_residual(block, x, rope, p)[0])
+            assert gap(ours, expected) <= 1e-10
+            post = isinstance(block, EvaBlockPostNorm)
+            if post:  # the same modules in pre-norm order
+                out = x + hand_attention(block.attn, block.norm1(x), rope, p, None)[0]
+                other = out + block.mlp(block.norm2(out))
+            else:  # the same modules in post-norm order
+                out = x + block.norm1(hand_attention(block.attn, x, rope, p, None)[0])
+                other = out + block.norm2(block.mlp(out))
+            assert gap(other, expected) > 1e-2
+            x = expected
+        assert gap(model.forward_head(model.norm(x)), model(images)) <= 1e-12
+
+
 @pytest.mark.parametrize("rope_mode", ["grid", "tokens"])
 @pytest.mark.parametrize("stages", list(CUBIST_STAGES))
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", ALL_MODELS)
 def test_cubist_equals_the_hand_built_forward(key, stages, rope_mode):
+    """Without RoPE (":norope") the reference is the same for both modes: the option must change nothing."""
     model = make_model(key)
     images = images_for(model)
     plan = CUBIST_STAGES[stages]
@@ -339,7 +413,7 @@ def test_cubist_equals_the_hand_built_forward(key, stages, rope_mode):
     assert source == expected_source
 
 
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", ROPE_MODELS)
 def test_cubist_rope_placement_is_what_the_reference_tells_apart(key):
     """Each wrong placement of the reference moves the features far beyond the 1e-10 tolerance: the other
     mode, RoPE on the prefix tokens too, reduced-grid centres shifted by half a cell."""
@@ -358,7 +432,7 @@ def test_cubist_rope_placement_is_what_the_reference_tells_apart(key):
 
 
 @pytest.mark.parametrize("rope_mode", ["grid", "tokens"])
-@pytest.mark.parametrize("key", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("key", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224", "vit_pe_core_tiny_patch16_384"])
 def test_cubist_positions_in_exact_arithmetic_differ_by_rounding_only(key, rope_mode):
     """With positions in float64 arithmetic (not timm's float32 grids) only float32 rounding remains."""
     model = make_model(key)
@@ -372,7 +446,7 @@ def test_cubist_positions_in_exact_arithmetic_differ_by_rounding_only(key, rope_
 # --------------------------------------------------------------------- the reference's RoPE vs the model's own
 
 
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", ROPE_MODELS)
 def test_reference_rope_is_the_models_own_on_the_input_grid(key):
     model = make_model(key)
     H, W = grid_of(model)
@@ -383,7 +457,7 @@ def test_reference_rope_is_the_models_own_on_the_input_grid(key):
     if isinstance(model.rope, RotaryEmbeddingDinoV3):
         assert gap(ours, model.rope.get_embed(shape=[H, W])) <= 1e-12
         assert gap(ours, own) <= 1e-12
-    else:  # EVA-02 caches its embedding, computed in float32 when the model is built
+    else:  # EVA-02 and PE cache their embedding, computed in float32 when the model is built
         assert gap(ours, model.rope.get_embed()) <= 1e-6
         assert gap(ours, own) <= 1e-6
     for block in model.blocks:
@@ -439,7 +513,8 @@ def tome_reference(model: Eva, images: torch.Tensor, schedule, prop_attn: bool, 
                 groups = [ref.compose(groups[b], index[b]) for b in range(B)]
                 merged_yet = True
                 # Every patch token at its size-weighted mean position (float32, as timm's grids).
-                rope = rope_at(model.rope, positions[:, p:], grid, dtype).unsqueeze(1)
+                if model.rope is not None:
+                    rope = rope_at(model.rope, positions[:, p:], grid, dtype).unsqueeze(1)
             x = mlp_residual(block, x)
         out = model.norm(x)
         return model.forward_head(out), recovered(out, [[s - p for s in g[p:]] for g in groups], p), groups
@@ -454,7 +529,7 @@ def run_tome(model: Eva, images: torch.Tensor, schedule, prop_attn: bool):
 
 
 @pytest.mark.parametrize(("schedule", "prop_attn"), TOME_SETTINGS, ids=str)
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", ALL_MODELS)
 def test_tome_equals_the_hand_built_forward(key, schedule, prop_attn):
     model = make_model(key)
     images = images_for(model)
@@ -468,20 +543,20 @@ def test_tome_equals_the_hand_built_forward(key, schedule, prop_attn):
     assert source == expected_source
 
 
-@pytest.mark.parametrize("key", list(MODELS))
+@pytest.mark.parametrize("key", ALL_MODELS)
 def test_tome_matches_on_the_keys_before_rope(key):
     """Matching on the tokens, or on the keys after RoPE, merges other tokens than the library does."""
     model = make_model(key)
     images = images_for(model)
     schedule = [9, 0, 12, 4]
     logits, _, source = run_tome(model, images, schedule, True)
-    for wrong in ("tokens", "rotated"):
+    for wrong in ("tokens", "rotated") if model.rope is not None else ("tokens",):
         other_logits, _, other_source = tome_reference(model, images, schedule, True, metric=wrong)
         assert other_source != source
         assert gap(other_logits, logits) > 1e-4
 
 
-@pytest.mark.parametrize("key", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224"])
+@pytest.mark.parametrize("key", ["vit_small_patch16_dinov3", "eva02_tiny_patch14_224", "vit_pe_core_tiny_patch16_384"])
 def test_tome_positions_in_exact_arithmetic_differ_by_rounding_only(key):
     model = make_model(key)
     images = images_for(model)
