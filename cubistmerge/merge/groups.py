@@ -49,6 +49,25 @@ def slots_after_removal(target: torch.Tensor, removed: torch.Tensor) -> torch.Te
     return slot_of_position.gather(1, target)
 
 
+def slots_of_survivors(
+    survivors: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Index map of a merge given as "these tokens survive, in this order; those go into these".
+
+    Args:
+        survivors: (B, N_out) long, the input position that holds each output slot.
+        sources: (B, r) long, positions merged away; destinations: (B, r) long, the survivor each goes into.
+        num_tokens: N, the number of input tokens.
+
+    Returns:
+        (B, N) long, the output slot of every input token.
+    """
+    B, kept = survivors.shape
+    places = torch.arange(kept, device=survivors.device).expand(B, kept)
+    index = survivors.new_zeros(B, num_tokens).scatter(1, survivors, places)
+    return index.scatter(1, sources, index.gather(1, destinations))
+
+
 def scatter_into(buffer: torch.Tensor, index: torch.Tensor, src: torch.Tensor, *, add: bool) -> torch.Tensor:
     """``buffer.scatter(1, index, src)`` (or ``scatter_add``) for a buffer this package just made.
 

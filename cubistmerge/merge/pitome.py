@@ -66,7 +66,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .groups import merge_groups, score_dtype
+from .groups import merge_groups, score_dtype, slots_of_survivors
 
 # F.normalize's default: a zero metric row stays zero instead of becoming NaN.
 _NORM_EPS = 1e-12
@@ -183,14 +183,6 @@ def _pairwise(similarity: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
     return picked_rows.gather(2, cols.unsqueeze(1).expand(B, rows.shape[1], cols.shape[1]))
 
 
-def _slot_index(survivors: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor, N: int) -> torch.Tensor:
-    """(B, N) slot of every token: a survivor at its place in ``survivors``, a source at its destination's."""
-    B, kept = survivors.shape
-    places = torch.arange(kept, device=survivors.device).expand(B, kept)
-    index = survivors.new_zeros(B, N).scatter(1, survivors, places)
-    return index.scatter(1, sources, index.gather(1, destinations))
-
-
 def match_pitome(
     metric: torch.Tensor,
     r: int,
@@ -260,7 +252,7 @@ def match_pitome(
         # Positions above are relative to the first unprotected token.
         survivors = torch.cat([protected, kept + p, set_b + p], dim=1)
         sources, destinations = sources + p, destinations + p
-        index = _slot_index(survivors, sources, destinations, N)
+        index = slots_of_survivors(survivors, sources, destinations, N)
     return PiToMeMatch(index, survivors, sources, destinations)
 
 

@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from .groups import merge_groups, scatter_into, score_dtype
+from .groups import merge_groups, scatter_into, score_dtype, slots_of_survivors
 
 _COSINE_EPS = 1e-12
 
@@ -69,14 +69,6 @@ def _cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     norm_a = torch.linalg.vector_norm(a, dim=-1)
     norm_b = torch.linalg.vector_norm(b, dim=-1)
     return (a @ b.transpose(1, 2)) / (norm_a.unsqueeze(-1) * norm_b.unsqueeze(-2)).clamp_min(_COSINE_EPS)
-
-
-def _slots_of(survivors: torch.Tensor, sources: torch.Tensor, destinations: torch.Tensor, N: int) -> torch.Tensor:
-    """(B, N) slot of every token: survivors at their place in ``survivors``, sources at their destination's."""
-    B, kept = survivors.shape
-    slots = torch.arange(kept, device=survivors.device).expand(B, kept)
-    index = survivors.new_zeros(B, N).scatter(1, survivors, slots)
-    return index.scatter(1, sources, index.gather(1, destinations))
 
 
 def match_bipartite(
@@ -146,7 +138,8 @@ def match_bipartite(
         protected = positions[:p].expand(B, p)
         b_unprotected = b_pos[b_pos >= p].expand(B, -1)
         survivors = torch.cat([protected, kept_a, b_unprotected], dim=1)
-    return BipartiteMatch(_slots_of(survivors, sources, destinations, N), sources, destinations, removed, survivors)
+    index = slots_of_survivors(survivors, sources, destinations, N)
+    return BipartiteMatch(index, sources, destinations, removed, survivors)
 
 
 def bipartite_soft_matching(

@@ -26,6 +26,9 @@ import cubistmerge
 
 from ..merge import reference as ref
 
+# Tiny float64 models: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Small variants of real timm configs, float64. Every part that ToMe's bookkeeping touches is present:
 # a class token, a distillation token, LayerScale with non-trivial gammas and registers, no prefix at all.
 MODELS = {

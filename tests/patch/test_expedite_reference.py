@@ -45,13 +45,8 @@ TOL = 1e-10
 DEFAULTS = dict(neighbourhood=5, iterations=5, temperature=0.01, k=20, normalise="sum")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 ops run many times faster on one thread than fighting over busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny float64 models: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomise(model: nn.Module, seed: int = 1) -> nn.Module:

@@ -97,13 +97,8 @@ CUBIST_STAGES = {
 TOME_SETTINGS = [(6, True), ([9, 0, 12, 4], True), ((5, -0.5), False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 tensors: one intra-op thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny float64 models: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

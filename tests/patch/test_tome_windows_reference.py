@@ -22,6 +22,9 @@ import cubistmerge
 
 from ..merge import reference as ref
 
+# Tiny float64 models: one intra-op thread (see tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def randomise(model: nn.Module, seed: int = 1) -> nn.Module:
     """Non-zero biases, relative-position tables and attention-bias tables, so every part matters."""
