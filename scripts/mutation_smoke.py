@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""Mutation smoke test: break the library on purpose, one known way at a time, and check that a test fails.
+
+Every entry below is a deliberate bug (an exact search/replace on the current source) and the tests that
+must catch it. Each mutation is applied to a scratch copy of the checkout (never to the checkout itself),
+the listed tests run there with the copy first on ``PYTHONPATH``, and the mutation counts as caught when
+they fail. A mutation whose search text no longer occurs exactly once is reported as stale: the code
+moved, so the entry must be updated, not silently skipped.
+
+    python scripts/mutation_smoke.py               # every mutation (tens of minutes on 2 cores)
+    python scripts/mutation_smoke.py --list
+    python scripts/mutation_smoke.py --only tome   # the mutations whose name contains "tome"
+
+Not part of CI: it runs the same tests many times. Exit status 1 if any mutation survives or is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ---- the five breakages issue 12 found passing the suite
+    Mutation(
+        "sam: reduced-window block drops the attention residual",
+        "cubistmerge/patch/segment_anything.py",
+        "    x = shortcut + y\n",
+        "    x = y\n",
+        ("tests/patch/test_sam_reference.py",),
+    ),
+    Mutation(
+        "tinyvit: stretched bias reads one bilinear corner from the wrong row",
+        "cubistmerge/patch/timm_tinyvit.py",
+        "+ at(dy_hi, dx_lo) * fy * (1 - fx)",
+        "+ at(dy_lo, dx_lo) * fy * (1 - fx)",
+        ("tests/patch/test_timm_tinyvit_reference.py",),
+    ),
+    Mutation(
+        "tome: matching on the residual stream instead of the attention keys",
+        "cubistmerge/patch/_after_attention.py",
+        "    metric = keys_metric(keys)\n",
+        "    metric = x\n",
+        ("tests/patch/test_after_attention_reference.py",),
+    ),
+    Mutation(
+        "coco: mask logits thresholded at 0.5 instead of 0",
+        "cubistmerge/eval/coco_sam.py",
+        "masks = (prediction.masks > 0).cpu().numpy()",
+        "masks = (prediction.masks > 0.5).cpu().numpy()",
+        ("tests/eval/test_anchors.py",),
+    ),
+    Mutation(
+        "expedite: initial centres by max pooling instead of average pooling",
+        "cubistmerge/merge/expedite.py",
+        "centres = F.adaptive_avg_pool2d(",
+        "centres = F.adaptive_max_pool2d(",
+        ("tests/merge/test_expedite_reference.py", "tests/patch/test_expedite_reference.py"),
+    ),
+    # ---- ToMe, PiToMe, ToFu
+    Mutation(
+        "tome: window tiles of SAM/TinyViT matched on the tokens, not the keys",
+        "cubistmerge/patch/_sam_common.py",
+        "return merge_apply_unmerge_in_windows(normed, tile, r, mlp, metric=metric)",
+        "return merge_apply_unmerge_in_windows(normed, tile, r, mlp)",
+        ("tests/patch/test_tome_windows_reference.py",),
+    ),
+    Mutation(
+        "tome: kept A tokens not sorted when a class token is present",
+        "cubistmerge/merge/tome.py",
+        "kept_a = kept_a.sort(dim=1).values[:, (p + 1) // 2 :]",
+        "kept_a = kept_a[:, : kept_a.shape[1] - (p + 1) // 2]",
+        ("tests/merge/test_tome.py", "tests/patch/test_after_attention_reference.py"),
+    ),
+    Mutation(
+        "tome: A/B alternation from the first patch token (the old spatial partition) by default",
+        "cubistmerge/merge/tome.py",
+        'start = 0 if order == "official" else p',
+        "start = p",
+        ("tests/merge/test_tome.py", "tests/patch/test_after_attention_reference.py"),
+    ),
+    Mutation(
+        "tome: parse_r's first layer not rounded down",
+        "cubistmerge/merge/tome.py",
+        "first = int(base * (1.0 - inflection))",
+        "first = base * (1.0 - inflection)",
+        ("tests/merge/test_tome.py",),
+    ),
+    Mutation(
+        "tome: proportional attention dropped",
+        "cubistmerge/patch/state.py",
+        "        if not proportional or self.size is None:",
+        "        if True:",
+        ("tests/patch/test_after_attention_reference.py",),
+    ),
+    Mutation(
+        "tome: LayerScale of the attention branch dropped",
+        "cubistmerge/patch/timm_vit.py",
+        "x = x + block.drop_path1(block.ls1(attn_out))",
+        "x = x + block.drop_path1(attn_out)",
+        ("tests/patch/test_after_attention_reference.py",),
+    ),
+    Mutation(
+        "pitome: every block uses the first block's margin",
+        "cubistmerge/patch/_after_attention.py",
+        "margin=options.margins[block],",
+        "margin=options.margins[0],",
+        ("tests/patch/test_after_attention_reference.py",),
+    ),
+    Mutation(
+        "tofu: MLERP blocks prune instead",
+        "cubistmerge/patch/_after_attention.py",
+        "merge_tofu(x, match, options.modes[block], mlerp_norm=options.mlerp_norm)",
+        'merge_tofu(x, match, "prune", mlerp_norm=options.mlerp_norm)',
+        ("tests/patch/test_after_attention_reference.py", "tests/merge/test_tofu.py"),
+    ),
+    Mutation(
+        "low precision: scores computed in the input dtype",
+        "cubistmerge/merge/groups.py",
+        "    return dtype if dtype == torch.float64 else _MIN_SCORE_DTYPE",
+        "    return dtype",
+        ("tests/merge/test_tome.py", "tests/merge/test_cubist.py", "tests/merge/test_pitome.py"),
+    ),
+    # ---- TinyViT (more in tests/patch/test_timm_tinyvit_reference.py's history: these are the sharpest)
+    Mutation(
+        "tinyvit: bias table not stretched (same-size offsets)",
+        "cubistmerge/patch/timm_tinyvit.py",
+        "distance = ((steps[:, None] - steps[None, :]).abs() * (w - 1)).to(table.dtype) / max(window - 1, 1)",
+        "distance = (steps[:, None] - steps[None, :]).abs().to(table.dtype)",
+        ("tests/patch/test_timm_tinyvit_reference.py",),
+    ),
+    Mutation(
+        "tinyvit: local conv skipped on the reduced path",
+        "cubistmerge/patch/timm_tinyvit.py",
+        "y = block.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)",
+        "y = x  # (B, H, W, C)",
+        ("tests/patch/test_timm_tinyvit_reference.py",),
+    ),
+    Mutation(
+        "tinyvit: grid not recovered before a downsampling stage",
+        "cubistmerge/patch/timm_tinyvit.py",
+        "if recover is not None and not _keeps_grid(stage):",
+        "if False and recover is not None and not _keeps_grid(stage):",
+        ("tests/patch/test_timm_tinyvit_reference.py",),
+    ),
+    Mutation(
+        "windows: edge windows reduced by one token less",
+        "cubistmerge/merge/windows.py",
+        "return min(r, extent // 2)",
+        "return min(r, (extent - 1) // 2)",
+        ("tests/patch/test_timm_tinyvit_reference.py", "tests/merge/test_windows.py"),
+    ),
+    # ---- SAM-style encoders
+    Mutation(
+        "sam: window not reduced after the reduction (relative positions of the old size)",
+        "cubistmerge/patch/_sam_common.py",
+        "            window = wh\n",
+        "            window = state.window\n",
+        ("tests/patch/test_sam_reference.py",),
+    ),
+    Mutation(
+        "sam: stages recovered in the wrong order",
+        "cubistmerge/patch/_sam_common.py",
+        "chained = recover if state.recover is None else state.recover.then(recover)",
+        "chained = recover if state.recover is None else recover.then(state.recover)",
+        ("tests/patch/test_sam_reference.py",),
+    ),
+    Mutation(
+        "timm sam: LayerScale of the attention branch dropped in the reduced-window block",
+        "cubistmerge/patch/timm_sam.py",
+        "    x = block.drop_path1(block.ls1(block.attn(x)))",
+        "    x = block.drop_path1(block.attn(x))",
+        ("tests/patch/test_sam_reference.py",),
+    ),
+    # ---- RoPE ViTs (Eva)
+    Mutation(
+        "eva: reduced-grid RoPE centres half a cell off",
+        "cubistmerge/patch/timm_eva.py",
+        "rows = (torch.arange(Hm, device=device, dtype=torch.float32) + 0.5) * (H / Hm) - 0.5",
+        "rows = torch.arange(Hm, device=device, dtype=torch.float32) * (H / Hm) - 0.5",
+        ("tests/patch/test_timm_eva_reference.py",),
+    ),
+    Mutation(
+        "eva: rope='tokens' placed on the regular grid",
+        "cubistmerge/patch/timm_eva.py",
+        'per_token = settings.rope == "tokens"',
+        "per_token = False",
+        ("tests/patch/test_timm_eva_reference.py",),
+    ),
+    Mutation(
+        "eva: ToMe block without LayerScale gamma_1",
+        "cubistmerge/patch/timm_eva.py",
+        "attn_out = block.gamma_1 * attn_out",
+        "attn_out = attn_out",
+        ("tests/patch/test_timm_eva_reference.py",),
+    ),
+    Mutation(
+        "eva: post-norm ToMe block without proportional attention",
+        "cubistmerge/patch/timm_eva.py",
+        "block.norm1(block.attn(x, **_block_kwargs(rope, bias, is_causal)))",
+        "block.norm1(block.attn(x, **_block_kwargs(rope, None, is_causal)))",
+        ("tests/patch/test_timm_eva_reference.py",),
+    ),
+    # ---- Expedite
+    Mutation(
+        "expedite: neighbourhood one cell wider",
+        "cubistmerge/merge/expedite.py",
+        "radius = neighbourhood // 2\n",
+        "radius = neighbourhood // 2 + 1\n",
+        ("tests/merge/test_expedite_reference.py",),
+    ),
+    Mutation(
+        "expedite: reconstruction from k - 1 neighbours",
+        "cubistmerge/merge/expedite.py",
+        "top, index = logits.topk(min(k, logits.shape[-1]), dim=-1)",
+        "top, index = logits.topk(max(1, min(k, logits.shape[-1]) - 1), dim=-1)",
+        ("tests/merge/test_expedite_reference.py",),
+    ),
+    Mutation(
+        "expedite: initial cells by exact floor instead of torch's nearest resizing",
+        "cubistmerge/merge/expedite.py",
+        "    rows, cols = _nearest_cells(H, h, device), _nearest_cells(W, w, device)",
+        "    rows, cols = torch.arange(H, device=device) * h // H, torch.arange(W, device=device) * w // W",
+        ("tests/merge/test_expedite_reference.py",),
+    ),
+    # ---- resize baseline
+    Mutation(
+        "resize: output grid not brought back (left at the small size)",
+        "cubistmerge/resize.py",
+        'grid = F.interpolate(grid, size=self._full_grid(), mode="bilinear", align_corners=False)',
+        'grid = F.interpolate(grid, scale_factor=1.0, mode="bilinear", align_corners=False)',
+        ("tests/test_resize.py",),
+    ),
+)
+
+
+def _copy_checkout(target: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis")
+    shutil.copytree(ROOT, target, ignore=ignore, dirs_exist_ok=True)
+
+
+def run(mutation: Mutation, scratch: Path, python: str) -> str:
+    """'caught', 'SURVIVED' or 'STALE: ...' for one mutation."""
+    source = (ROOT / mutation.path).read_text()
+    count = source.count(mutation.old)
+    if count != 1:
+        return f"STALE: the search text occurs {count} times in {mutation.path}"
+    target = scratch / mutation.path
+    target.write_text(source.replace(mutation.old, mutation.new))
+    try:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(scratch), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(
+            [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutation.tests],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        target.write_text(source)
+    if done.returncode == 1:
+        return "caught"
+    if done.returncode == 0:
+        return "SURVIVED"
+    return f"STALE: pytest exited with {done.returncode}: {done.stdout[-300:]}{done.stderr[-300:]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the mutations whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.only in m.name]
+    if args.list:
+        for mutation in chosen:
+            print(f"{mutation.name}  [{mutation.path}] -> {', '.join(mutation.tests)}")
+        return 0
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="cubistmerge-mutants-") as tmp:
+        scratch = Path(tmp)
+        _copy_checkout(scratch)
+        for mutation in chosen:
+            start = time.perf_counter()
+            outcome = run(mutation, scratch, sys.executable)
+            failures += outcome != "caught"
+            print(f"{outcome:>8}  {mutation.name}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"{len(chosen) - failures} of {len(chosen)} mutations caught")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
