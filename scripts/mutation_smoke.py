@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cubistmerge.assets import ENV_VAR as ASSETS_ENV
+from cubistmerge.assets import default_assets_dir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -237,8 +240,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "expedite: initial cells by exact floor instead of torch's nearest resizing",
         "cubistmerge/merge/expedite.py",
-        "    rows, cols = _nearest_cells(H, h, device), _nearest_cells(W, w, device)",
-        "    rows, cols = torch.arange(H, device=device) * h // H, torch.arange(W, device=device) * w // W",
+        '    return F.interpolate(labels, size=size, mode="nearest").reshape(size).long()',
+        "    return torch.arange(size, device=device) * cells // size",
         ("tests/merge/test_expedite_reference.py",),
     ),
     # ---- resize baseline
@@ -266,7 +269,12 @@ def run(mutation: Mutation, scratch: Path, python: str) -> str:
     target = scratch / mutation.path
     target.write_text(source.replace(mutation.old, mutation.new))
     try:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(scratch), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(scratch), os.environ.get("PYTHONPATH", "")]),
+            # The scratch copy has no ../shared/assets beside it; without this the asset tests would skip.
+            ASSETS_ENV: os.environ.get(ASSETS_ENV, str(default_assets_dir())),
+        }
         done = subprocess.run(
             [python, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutation.tests],
             cwd=scratch,
