@@ -460,7 +460,14 @@ def run_sweep(
                 variants[position] = replace(variant, options={**variant.options, "size": list(resized.size)})
                 patched = replace_submodule(patched, speed_module, resized)
             else:
-                patch(task.speed_module(patched), variant.method, **variant.options)
+                options = dict(variant.options)
+                checkpoint = options.pop("checkpoint", None)
+                if checkpoint is not None:
+                    # A distilled student (cubistmerge.train): its weights, then the setting as given.
+                    from .train.checkpoint import load_distilled_weights
+
+                    load_distilled_weights(patched, checkpoint, variant.method, options)
+                patch(task.speed_module(patched), variant.method, **options)
         except (ValueError, TypeError, NotImplementedError) as error:  # UnsupportedModelError is a TypeError
             raise SweepConfigError(f"cannot apply {variant.name!r}: {error}") from error
         copies[variant.name] = patched

@@ -1,0 +1,140 @@
+"""Which parameters a distillation trains.
+
+Modules that run before the first reduction see the same inputs in the student
+and the teacher, so by default they stay frozen: training them could only
+move the student away from the teacher where the two already agree. The
+boundary is found by running both models once on a probe batch and comparing
+the inputs every parameter-owning module receives, which works the same for
+every family and method (a reduction at block ``loc``, ToMe's per-block
+schedule, SAM windows, TinyViT stages) without knowing how each patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+TRAINABLE = ("after_reduction", "all", "norms_biases")
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d)
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg
+    return None
+
+
+def _record_inputs(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[str, list[torch.Tensor]]:
+    """Module name -> the first tensor argument of each of its calls (modules that own parameters)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+
+        def hook(_module: nn.Module, args: tuple, *, _name: str = name) -> None:
+            tensor = _first_tensor(args)
+            if tensor is not None:
+                seen.setdefault(_name, []).append(tensor.detach().clone())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if x.shape != y.shape:
+            return False
+        scale = y.float().abs().max().clamp_min(1e-12)
+        if ((x.float() - y.float()).abs().max() / scale) > 1e-5:
+            return False
+    return True
+
+
+def diverging_modules(student: nn.Module, teacher: nn.Module, run: Callable[[nn.Module], object]) -> list[str]:
+    """Names of the parameter-owning modules whose inputs differ between student and teacher on one probe run.
+
+    ``run(model)`` runs the model on the probe batch (the task's output). Module names are those of
+    ``student.named_modules()``: patching keeps every module in its place.
+    """
+    student_inputs = _record_inputs(student, run)
+    teacher_inputs = _record_inputs(teacher, run)
+    return [name for name, inputs in student_inputs.items() if not _same(inputs, teacher_inputs.get(name, []))]
+
+
+def _enclosing_block(name: str, containers: set[str]) -> str | None:
+    """The innermost ancestor (or the module itself) that is an element of a ModuleList / Sequential, or None.
+
+    That is the block a module belongs to (``blocks.3`` for ``blocks.3.attn.qkv``; ``stages.1.blocks.0`` for
+    TinyViT's ``stages.1.blocks.0.mlp.fc1``).
+    """
+    parts = name.split(".")
+    block = None
+    for end in range(1, len(parts) + 1):
+        if ".".join(parts[: end - 1]) in containers and parts[end - 1].isdigit():
+            block = ".".join(parts[:end])
+    return block
+
+
+def select_trainable(
+    student: nn.Module, teacher: nn.Module, run: Callable[[nn.Module], object], trainable: str = "after_reduction"
+) -> list[str]:
+    """Parameter names of ``student`` to train; see the module docstring.
+
+    ``after_reduction``: every parameter of the blocks from the first one whose inputs differ, and of every
+    later module whose inputs differ (necks, heads). ``norms_biases``: the normalisation weights and biases and
+    every other bias among those. ``all``: every parameter.
+
+    Raises:
+        ValueError: unknown ``trainable``, or the setting changes nothing (no module sees a different input).
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    names = [name for name, _ in student.named_parameters()]
+    if trainable == "all":
+        return names
+    diverging = diverging_modules(student, teacher, run)
+    if not diverging:
+        raise ValueError(
+            "the student's setting changes no module's input on the probe images: nothing to distil "
+            "(is the reduction zero?). Use trainable='all' to fine-tune anyway"
+        )
+    containers = {name for name, module in student.named_modules() if isinstance(module, nn.ModuleList | nn.Sequential)}
+    prefixes = set()
+    for name in diverging:
+        block = _enclosing_block(name, containers)
+        prefixes.add(block if block is not None else name)
+    modules = dict(student.named_modules())
+
+    def owner(param_name: str) -> str:
+        return param_name.rpartition(".")[0]
+
+    def after(param_name: str) -> bool:
+        own = owner(param_name)
+        for prefix in prefixes:
+            if own == prefix or (prefix and own.startswith(prefix + ".")):
+                return True
+        return False
+
+    chosen = [name for name in names if after(name)]
+    if trainable == "norms_biases":
+        chosen = [
+            name
+            for name in chosen
+            if name.endswith("bias")
+            or isinstance(modules.get(owner(name)), _NORMS)
+            or "norm" in owner(name).split(".")[-1]
+        ]
+    return chosen
