@@ -1319,6 +1319,18 @@ def _run_visualize(args: argparse.Namespace, parser: argparse.ArgumentParser, ar
 
 # Each command: (help line, description, epilog, add_arguments, run). New commands register here.
 _Command = tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]
+def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    from .distill_cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_distill(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    from .distill_cli import run
+
+    return run(args, parser, argv)
+
+
 _COMMANDS: dict[str, _Command] = {
     "bench": (
         "measure throughput with and without token merging",
@@ -1340,6 +1352,13 @@ _COMMANDS: dict[str, _Command] = {
         SWEEP_EPILOG,
         _add_sweep_arguments,
         _run_sweep,
+    ),
+    "distill": (
+        "win the quality back: train a merged copy to reproduce the unmerged model on unlabelled images",
+        "Train a merged student from its unmerged self. Run 'cubistmerge distill <model> --help'.",
+        "models: sam, dense, imagenet",
+        _add_distill_arguments,
+        _run_distill,
     ),
     "visualize": (
         "draw which patches each merged token holds, CubistMerge beside ToMe",

@@ -167,3 +167,39 @@ def test_pareto_front_and_best_at(higher_is_better):
     assert result.best_at(1.2).label == "b"
     assert result.best_at(1.45).label == "c"
     assert result.best_at(1.6) is None
+
+
+class _KeepModelsTask(_AgreementTask):
+    def evaluate(self, models):
+        self.models = dict(models)
+        return super().evaluate(models)
+
+
+def test_a_setting_with_a_checkpoint_runs_the_distilled_student(tiny_vit, tmp_path):
+    from PIL import Image
+
+    from cubistmerge.train import distill, read_checkpoint
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(4):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(k), dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{k}.png")
+    student = tmp_path / "student.pt"
+    distill(tiny_vit, folder, "cubist r=1 loc=1", epochs=1, lr=1e-3, batch_size=2, out=student, progress=False)
+    weights = read_checkpoint(student)["state_dict"]
+
+    task = _KeepModelsTask()
+    settings = ["cubist r=1 loc=1", f"cubist r=1 loc=1 checkpoint={student}"]
+    result = run_sweep(task, tiny_vit, settings, runs=1, warmup=0, progress=False)
+    distilled = task.models[settings[1]]
+    assert all(torch.equal(weights[k], v) for k, v in distilled.state_dict().items())
+    assert type(distilled).__name__ == "MergingVisionTransformer"
+    assert not torch.equal(task.models[settings[0]].blocks[2].attn.qkv.weight, distilled.blocks[2].attn.qkv.weight)
+    assert result.rows[2].options["checkpoint"] == str(student)
+
+    with pytest.warns(UserWarning, match="distilled for 'cubist r=1 loc=1'"):
+        run_sweep(_AgreementTask(), tiny_vit, [f"cubist r=2 loc=1 checkpoint={student}"], runs=1, progress=False)
+    other = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=5, pretrained=False).eval()
+    with pytest.raises(SweepConfigError, match="written for"):
+        run_sweep(_AgreementTask(), other, [f"cubist r=1 loc=1 checkpoint={student}"], runs=1, progress=False)

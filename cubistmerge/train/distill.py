@@ -142,7 +142,7 @@ def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -159,7 +159,7 @@ def test_gradients_flow_through_the_merge_to_the_blocks_before_it(image_dir, set
         assert grad is not None and grad.abs().max() > 0, name
 
 
-def test_dense_and_sam_tasks_run(image_dir):
+def test_dense_and_sam_tasks_run(image_dir, tmp_path):
     """One step on an ImgFocus-layout model (the saliency logits) and on a tiny SAM (the image embeddings)."""
     from cubistmerge.models.img_focus import ImgFocus, SaliencyHead
 
@@ -168,7 +168,8 @@ def test_dense_and_sam_tasks_run(image_dir):
         img_size=224, patch_size=14, embed_dim=32, depth=3, num_heads=2, num_classes=0, init_values=0.5
     )
     focus = ImgFocus(backbone, SaliencyHead(in_chans=32, channels=(8, 8, 4))).eval()
-    result = distill(focus, image_dir, "cubist r=2 loc=1", epochs=0.25, batch_size=2, progress=False)
+    # A BatchNorm head (0-dim counters among its buffers) with the teacher cache.
+    result = distill(focus, image_dir, "cubist r=2 loc=1", epochs=0.25, batch_size=2, progress=False, cache=tmp_path)
     assert result.task["task"] == "dense" and len(result.history) == 1 and result.history[0]["loss"] > 0
     assert any(n.startswith("head.") for n in result.trainable)
     assert not any(n.startswith("backbone.blocks.0.") for n in result.trainable)
