@@ -110,8 +110,9 @@ def parse_setting(text: str) -> Variant:
 
 def series_of(method: str, options: dict[str, Any]) -> str:
     """The curve a setting belongs to: the method's name plus its options other than the amounts."""
-    rest = {k: v for k, v in options.items() if k not in AMOUNT_OPTIONS}
-    return f"{METHOD_NAMES.get(method, method)} {format_options(rest)}".strip()
+    rest = {k: v for k, v in options.items() if k not in AMOUNT_OPTIONS and k != "checkpoint"}
+    distilled = " (distilled)" if "checkpoint" in options else ""
+    return f"{METHOD_NAMES.get(method, method)} {format_options(rest)}".strip() + distilled
 
 
 class SweepTask(Protocol):

@@ -371,7 +371,7 @@ def distill(
         trainable=names,
         skipped_images=[(str(p), why) for p, why in dataset.skipped],
     )
-    step, batch_done = 0, 0
+    step, batch_done, wall_before = 0, 0, 0.0
     if resume is not None:
         state = read_checkpoint(resume)
         _check_resume(state, config, model)
@@ -383,6 +383,7 @@ def distill(
         step, batch_done = int(state["step"]), int(state["batches"])
         result.history = list(state.get("history", []))
         result.images_seen = int(state.get("images_seen", 0))
+        wall_before = float(state.get("wall_s", 0.0))
 
     objective = _Objective(student, distill_task)
     runner: nn.Module = objective
@@ -409,6 +410,7 @@ def distill(
             "images_seen": result.images_seen,
             "history": result.history,
             "world_size": world,
+            "wall_s": wall_before + time.perf_counter() - start,
         }
 
     def run_evaluation() -> None:
@@ -491,7 +493,7 @@ def distill(
                 stop = True
                 break
     bar.close()
-    result.wall_s = time.perf_counter() - start
+    result.wall_s = wall_before + time.perf_counter() - start  # over every part of a resumed run
     if evaluate is not None and (not result.evaluations or result.evaluations[-1]["step"] != step):
         run_evaluation()
     if out is not None and main:
