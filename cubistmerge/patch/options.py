@@ -201,8 +201,7 @@ class PiToMeOptions:
     ) -> PiToMeOptions:
         if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not MIN_RATIO <= ratio <= 1.0:
             raise ValueError(
-                f"ratio is the fraction of tokens every block keeps, in [{MIN_RATIO}, 1] (1: no merging); "
-                f"got {ratio!r}"
+                f"ratio is the fraction of tokens every block keeps, in [{MIN_RATIO}, 1] (1: no merging); got {ratio!r}"
             )
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < math.inf:
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
