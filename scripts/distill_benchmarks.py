@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", action="append", default=None, help="instead of the built-in settings")
     parser.add_argument("--students", type=Path, default=Path("/tmp/cubistmerge-students"))
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-train", type=int, default=None, help="first N training images only")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate on the first N COCO images only")

@@ -76,7 +76,7 @@ def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=float, default=1.0, help="passes over the images (default: %(default)s)")
-    training.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: %(default)s)")
+    training.add_argument("--lr", type=float, default=1e-6, help="peak AdamW learning rate (default: %(default)s)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     training.add_argument(
         "--warmup", type=float, default=0.05, help="fraction of the steps warming up (default: %(default)s)"
