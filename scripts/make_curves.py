@@ -186,8 +186,11 @@ def render(task: str, result: SweepResult, plot: Path) -> str:
         NOTES[task],
         "",
         *(
-            [f"Timed again after the quality run (whose timing other processes disturbed); the quality columns are "
-             f"that run's: `{setup['metrics_from']}`.", ""]
+            [
+                f"Timed again after the quality run (whose timing other processes disturbed); the quality columns are "
+                f"that run's: `{setup['metrics_from']}`.",
+                "",
+            ]
             if setup.get("metrics_from")
             else []
         ),

@@ -244,6 +244,43 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    return torch.arange(size, device=device) * cells // size",
         ("tests/merge/test_expedite_reference.py",),
     ),
+    # ---- CubistMerge's proportional attention
+    Mutation(
+        "cubist prop_attn: sizes restart at every stage instead of adding up",
+        "cubistmerge/patch/timm_vit.py",
+        "size = group_sizes(index, p + Hm * Wm, state.size)",
+        "size = group_sizes(index, p + Hm * Wm, None)",
+        ("tests/patch/test_cubist_prop_attn_reference.py",),
+    ),
+    Mutation(
+        "cubist prop_attn: sizes tracked but never added to the attention",
+        "cubistmerge/patch/timm_vit.py",
+        "prop_attn = cubist and options.prop_attn",
+        "prop_attn = False",
+        ("tests/patch/test_cubist_prop_attn_reference.py",),
+    ),
+    # ---- distillation
+    Mutation(
+        "distill: accumulated losses not divided by the group size",
+        "cubistmerge/train/distill.py",
+        "loss = distill_task.loss(student_out, teacher_out) / group_size",
+        "loss = distill_task.loss(student_out, teacher_out)",
+        ("tests/train/test_distill.py",),
+    ),
+    Mutation(
+        "distill: resume restarts the schedule",
+        "cubistmerge/train/distill.py",
+        '        scheduler.load_state_dict(state["scheduler"])',
+        "        pass",
+        ("tests/train/test_distill.py",),
+    ),
+    Mutation(
+        "distill: every parameter trains by default",
+        "cubistmerge/train/trainable.py",
+        '    if trainable == "all":',
+        "    if True:",
+        ("tests/train/test_distill.py",),
+    ),
     # ---- resize baseline
     Mutation(
         "resize: output grid not brought back (left at the small size)",

@@ -138,6 +138,22 @@ def merge_groups(
     raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
 
 
+def group_sizes(index: torch.Tensor, num_out: int, sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """How many original tokens each merged slot stands for.
+
+    Args:
+        index: (B, N) long, the slot of every current token.
+        num_out: N_out, the number of slots.
+        sizes: (B, N) float, what each current token already stands for (None: 1 each).
+
+    Returns:
+        (B, N_out) float (the dtype of ``sizes``, float32 without), the summed sizes per slot.
+    """
+    if sizes is None:
+        sizes = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+    return torch.zeros(index.shape[0], num_out, dtype=sizes.dtype, device=index.device).scatter_add_(1, index, sizes)
+
+
 def unmerge_groups(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Give every original token a copy of its group's merged token.
 

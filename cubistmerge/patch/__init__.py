@@ -104,7 +104,8 @@ def patch(
             ``loc`` (block whose input is reduced; default 1), or
             ``stages=[(loc, r_h, r_w), ...]`` for several reductions,
             ``representation`` ("maxmag", "maxmag_vector", "mean"),
-            ``metric`` ("cosine", "l2").
+            ``metric`` ("cosine", "l2"), ``prop_attn`` (default False: log(size)
+            of every merged key added to the attention logits, as ToMe does; timm ViTs only).
             For ``"tome"``: ``r`` (int per block, ``(r, inflection)``, or a
             list of per-block ints; default 8), ``prop_attn`` (default True),
             ``order`` (``"official"``: the authors' token bookkeeping, default;
@@ -153,6 +154,10 @@ def patch(
     except TypeError as error:
         allowed = ", ".join([*_option_names(builder), *family_names])
         raise TypeError(f"{error}. Options of method={method!r} for this model: {allowed}") from None
+    if getattr(parsed, "method", None) == "cubist" and parsed.prop_attn and family is not timm_vit:
+        raise UnsupportedModelError(
+            f"prop_attn for CubistMerge runs on timm ViTs only so far, not on {family.FAMILY}; drop prop_attn"
+        )
     return family.patch(model, parsed, **family_options)
 
 

@@ -82,6 +82,9 @@ class CubistOptions:
     metric: str = "cosine"
     recover_output: bool = True
     trace_source: bool = False
+    # log(size) of every key added to the attention logits once tokens stand for several patches (ToMe's
+    # proportional attention); timm ViTs only for now, off by default until measured per family.
+    prop_attn: bool = False
 
     method = "cubist"
 
@@ -97,6 +100,7 @@ class CubistOptions:
         metric: str = "cosine",
         recover_output: bool = True,
         trace_source: bool = False,
+        prop_attn: bool = False,
     ) -> CubistOptions:
         if stages is not None and (r is not None or loc is not None):
             raise ValueError("give either stages=[(loc, r_h, r_w), ...] or r= and loc=, not both")
@@ -123,7 +127,9 @@ class CubistOptions:
             raise ValueError(f"representation must be one of {REPRESENTATIONS}, got {representation!r}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        return cls(parsed, representation, metric, bool(recover_output), bool(trace_source))
+        if not isinstance(prop_attn, bool):
+            raise ValueError(f"prop_attn must be True or False, got {prop_attn!r}")
+        return cls(parsed, representation, metric, bool(recover_output), bool(trace_source), prop_attn)
 
     def check_grid(self, grid: tuple[int, int]) -> None:
         """Raise if the stages cannot run on a patch grid of ``grid`` (H, W)."""

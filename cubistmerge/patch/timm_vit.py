@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..merge.cubist import cubist_merge
 from ..merge.expedite import Reconstruct, expedite_cluster
+from ..merge.groups import group_sizes, score_dtype
 from ._after_attention import AFTER_ATTENTION, AfterAttentionOptions, merge_after_attention
 from ._swap import options_of, restore_class, swap_class
 from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
@@ -127,7 +128,11 @@ def cubist_reduce(x: torch.Tensor, state: MergeState, r_h: int, r_w: int, option
         Hm, Wm = recover.merged_grid
         x = torch.cat([x[:, :p], merged.reshape(B, Hm * Wm, C)], dim=1)
         index = with_prefix(recover.index, p)
-        state = state.merged(index, p + Hm * Wm, grid=(Hm, Wm))
+        size = None
+        if options.prop_attn:
+            # Sizes in the score dtype (float32, float64 for float64 models): exact counts whatever x is in.
+            size = group_sizes(index, p + Hm * Wm, state.size).to(score_dtype(x.dtype))
+        state = state.merged(index, p + Hm * Wm, grid=(Hm, Wm), size=size)
     return x, state
 
 
@@ -207,11 +212,16 @@ def merging_block_forward(
     return x, state
 
 
-def _plain_block_forward(block: Block, x: torch.Tensor, state: MergeState, is_causal: bool) -> torch.Tensor:
+def _plain_block_forward(
+    block: Block, x: torch.Tensor, state: MergeState, is_causal: bool, prop_attn: bool = False
+) -> torch.Tensor:
     # Only pass what is set: older timm (1.0.16) blocks take no is_causal argument.
     kwargs: dict[str, Any] = {}
-    if state.attn_bias is not None:
-        kwargs["attn_mask"] = state.attn_bias
+    bias = state.attention_bias(prop_attn, x.dtype)
+    if bias is not None:
+        if is_causal and prop_attn and state.size is not None:
+            raise ValueError("is_causal cannot be combined with CubistMerge's prop_attn; drop one of them")
+        kwargs["attn_mask"] = bias
     if is_causal:
         kwargs["is_causal"] = True
     return block(x, **kwargs)
@@ -265,10 +275,11 @@ class _MergingViT:
                             x, state = cubist_reduce(x, state, r_h, r_w, options)
                 elif i == options.loc:
                     x, state, reconstruct = expedite_reduce(x, state, options)
+                prop_attn = cubist and options.prop_attn
                 if checkpointing:
-                    x = checkpoint(_plain_block_forward, block, x, state, is_causal, use_reentrant=False)
+                    x = checkpoint(_plain_block_forward, block, x, state, is_causal, prop_attn, use_reentrant=False)
                 else:
-                    x = _plain_block_forward(block, x, state, is_causal)
+                    x = _plain_block_forward(block, x, state, is_causal, prop_attn)
             elif checkpointing:
                 x, state = checkpoint(
                     merging_block_forward, block, x, state, i, options, is_causal, use_reentrant=False

@@ -47,8 +47,8 @@ class DistillConfig:
 
     ``lr`` (default 1e-6) is the peak learning rate after ``warmup``. Distilling towards a model that is the
     student itself minus a merge is a very sharp problem: on ImgFocus a plain gradient step of 1e-3 raises the
-    loss 46-fold, and AdamW at 1e-5 made the held-out loss worse (on the features: 0.058 -> 0.110 after 10 steps) where 1e-6
-    lowered it (0.058 -> 0.045; 3e-7: 0.051; 3e-6: 0.058), 80 training images, 24 held-out ones. The
+    loss 46-fold, and AdamW at 1e-5 made the held-out loss worse (on the features: 0.058 -> 0.110 after 10
+    steps) where 1e-6 lowered it (0.058 -> 0.045; 3e-7: 0.051; 3e-6: 0.058), 80 training images, 24 held-out ones. The
     learning rate warms up linearly over the ``warmup`` fraction of all optimizer steps, then follows a cosine
     to ``min_lr_ratio * lr``. ``batch_size`` is per process; one optimizer step sees
     ``batch_size * accumulate * world_size`` images.

@@ -172,6 +172,8 @@ def candidate_settings(merging_module: nn.Module, methods: Sequence[str]) -> lis
         raise TuneError(f"{family.FAMILY} cannot run {refused}; it supports {supported}")
     num_blocks = family.num_blocks(merging_module)
     locs = _locs(num_blocks)
+    # Proportional attention for CubistMerge runs on plain timm ViTs only (see cubistmerge.patch).
+    prop_choices = (False, True) if family.__name__.endswith(".timm_vit") else (False,)
     out: list[tuple[str, dict[str, Any]]] = []
     for method in methods:
         if method == "cubist":
@@ -179,9 +181,9 @@ def candidate_settings(merging_module: nn.Module, methods: Sequence[str]) -> lis
                 for r in (1, 2, 3):
                     for metric in ("cosine", "l2"):
                         for representation in ("maxmag", "mean"):
-                            out.append(
-                                ("cubist", {"r": r, "loc": loc, "metric": metric, "representation": representation})
-                            )
+                            for prop_attn in prop_choices:
+                                options = {"r": r, "loc": loc, "metric": metric, "representation": representation}
+                                out.append(("cubist", {**options, "prop_attn": True} if prop_attn else options))
         elif method in ("tome", "tofu"):
             out += [(method, {"r": r}) for r in (2, 4, 8, 12, 16, 24)]
         elif method == "expedite":
