@@ -165,7 +165,8 @@ def render(task: str, result: SweepResult, training: dict, plot: Path) -> str:
     lines = [
         f"## {TITLES[task]}",
         "",
-        f"Students distilled on the assets' 1000 unlabelled `imagenet-sample-images` (not the test images) with "
+        f"Students distilled on the first {config.get('max_images') or 1000} of the assets' 1000 unlabelled "
+        f"`imagenet-sample-images` (not the test images) with "
         f"`cubistmerge.train.distill`: {config['epochs']:g} epoch(s), batch {config['batch_size']}, AdamW lr "
         f"{config['lr']:g} (warm-up {config['warmup']:g}, cosine), the blocks from the first reduction on trained, "
         f"float32, teacher outputs cached. Then measured like `cubistmerge sweep {task}`: {setup.get('model')}, "
@@ -188,8 +189,42 @@ def render(task: str, result: SweepResult, training: dict, plot: Path) -> str:
             f"{info['images_seen']} images, {info['steps']} steps, {wall}; loss {info['first_loss']:.3g} → "
             f"{info['last_loss']:.3g} |"
         )
+    if (setup.get("foreign_cpu_load") or 0) > 0.25:
+        lines += [
+            "",
+            f"Other processes kept {setup['foreign_cpu_load']:.2f} CPUs busy while this run timed: its "
+            "speed-ups are noisy; the curves sections above time the same settings on a quiet machine.",
+        ]
+    lines += ["", "Goals, judged on the students: " + _verdict(task, result, training, rows)]
     lines += ["", f"![{TITLES[task]}]({plot.as_posix()})"]
     return "\n".join(lines)
+
+
+def _verdict(task: str, result: SweepResult, training: dict, rows: dict) -> str:
+    students = [next(r for label, r in rows.items() if label.startswith(s + " checkpoint=")) for s in training]
+    if task == "dense":
+        best = max(students, key=lambda r: r.metrics["correlation"])
+        met = [
+            r for r in students if r.metrics["correlation"] >= 0.995 and r.metrics["iou"] >= 0.95 and r.speedup >= 1.35
+        ]
+        return (("met by " + ", ".join(r.label for r in met)) if met else "**not met**") + (
+            f" (best student: {best.label.split(' checkpoint=')[0]}, correlation {best.metrics['correlation']:.4f}, "
+            f"IoU {best.metrics['iou']:.4f}; the goal is >= 0.995 and >= 0.95 at >= 1.35x)."
+        )
+    verdicts = []
+    for speed, loss in ((1.25, 0.5), (1.4, 1.0)):
+        fast = [r for r in students if r.speedup >= speed]
+        best = max(fast, key=lambda r: r.metrics["miou"], default=None)
+        if best is None:
+            verdicts.append(f"at >= {speed}x: no student that fast (**not met**)")
+            continue
+        points = -100 * result.delta(best)
+        status = "met" if points <= loss else "**not met**"
+        verdicts.append(
+            f"at >= {speed}x lose <= {loss} points: {status} (best {best.label.split(' checkpoint=')[0]}, "
+            f"-{points:.2f} points at {best.speedup:.2f}x)"
+        )
+    return "; ".join(verdicts) + "."
 
 
 if __name__ == "__main__":
