@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=32, help="unlabelled calibration images")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--from-json", type=Path, help="measure nothing: render this earlier --json result")
+    parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="file with the sections")
     args = parser.parse_args(argv)
+    if args.from_json:
+        write(args.task, json.loads(args.from_json.read_text()), args.output)
+        return 0
     torch.set_num_threads(args.threads)
 
     curves = SweepResult.from_dict(json.loads(args.curves.read_text()))
@@ -82,10 +87,39 @@ def main(argv: list[str] | None = None) -> int:
             "spearman": float(spearmanr(labels, scores).statistic),
             "kendall": float(kendalltau(labels, scores).statistic),
         }
+    report["command"] = " ".join(["python", *sys.argv])
     print(json.dumps(report["rank"], indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write(args.task, report, args.output)
     return 0
+
+
+LABELS = {
+    "sam": "box-prompt mIoU on the COCO subset",
+    "dense": "saliency correlation with the unmerged maps on the COCO images",
+}
+FIDELITY = {"sam": "relative error of the image embeddings", "dense": "correlation of the saliency logits"}
+
+
+def write(task: str, report: dict, output: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_benchmarks import write_section
+
+    name = {"sam": "MobileSAM", "dense": "ImgFocus"}[task]
+    lines = [
+        f"## tune: does label-free fidelity predict the labelled metric? {name}",
+        "",
+        f"The tuner ranks settings by their {FIDELITY[task]} against the unmerged model on unlabelled images. "
+        f"Here that fidelity, on the first {report['images']} `imagenet-sample-images`, against the {LABELS[task]} "
+        f"of every merging setting of the curves above (`{report['curves']}`). Command: `{report.get('command', '')}`.",
+        "",
+        "| settings | count | Spearman | Kendall |",
+        "|---|---:|---:|---:|",
+    ]
+    for group, rank in report["rank"].items():
+        lines.append(f"| {group} | {rank['settings']} | {rank['spearman']:.3f} | {rank['kendall']:.3f} |")
+    write_section(output, f"tune-fidelity-{task}", "\n".join(lines))
 
 
 if __name__ == "__main__":
