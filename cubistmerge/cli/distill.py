@@ -17,6 +17,7 @@ from ._options import (
     _non_negative_int,
     _output_path,
     _positive_int,
+    _set_threads,
     add_model_arguments,
     load_task_model,
 )
@@ -115,8 +116,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
     from ..eval.distributed import is_main_process
     from ..train import CheckpointError, DistillConfigError, distill
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     progress = not args.no_progress
 
     def log(message: str) -> None:

@@ -15,6 +15,7 @@ from ._options import (
     _HelpFormatter,
     _output_path,
     _positive_int,
+    _set_threads,
     add_model_arguments,
     load_task_model,
 )
@@ -81,12 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
-    import torch
 
     from ..tuning import TuneError, tune
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     if args.setting and args.methods:
         parser.error("--setting lists the settings to search; drop --method")
     images = _asset_default(args.images, parser, "--images", "imagenet-sample-images")
