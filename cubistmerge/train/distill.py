@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .._runtime import autocast, parse_dtype
 from .checkpoint import model_signature, read_checkpoint, save_checkpoint
 from .tasks import DistillTask, make_task
 from .trainable import select_trainable
@@ -136,12 +137,6 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
 def _weights_digest(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
@@ -161,8 +156,6 @@ class TargetCache:
         key = hashlib.sha256(repr((_weights_digest(teacher), task.describe(), dtype)).encode()).hexdigest()[:16]
         self.folder = Path(root) / key
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.hits = 0
-        self.misses = 0
 
     def _file(self, image: Path) -> Path:
         stat = image.stat()
@@ -172,9 +165,7 @@ class TargetCache:
     def get(self, images: Sequence[Path]) -> torch.Tensor | None:
         files = [self._file(p) for p in images]
         if not all(f.is_file() for f in files):
-            self.misses += len(files)
             return None
-        self.hits += len(files)
         return torch.stack([torch.load(f, map_location="cpu", weights_only=True) for f in files])
 
     def put(self, images: Sequence[Path], targets: torch.Tensor) -> None:
@@ -307,6 +298,7 @@ def distill(
         max_images=max_images,
     )
     config.check()
+    amp_dtype = parse_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DistillConfigError("device='cuda' but CUDA is not available here")
@@ -448,7 +440,7 @@ def distill(
             if targets is not None:
                 teacher_out = targets.get(files)
             if teacher_out is None:
-                with torch.no_grad(), _autocast(device, dtype):
+                with torch.no_grad(), autocast(device, amp_dtype):
                     teacher_out = distill_task.outputs(teacher_model, batch)
                 if targets is not None:
                     targets.put(files, teacher_out)
@@ -456,7 +448,7 @@ def distill(
             last_of_group = batch_done + 1 == group_start + group_size
             sync = runner.no_sync() if distributed and not last_of_group else nullcontext()
             with sync:
-                with _autocast(device, dtype):
+                with autocast(device, amp_dtype):
                     student_out = runner(batch)
                 loss = distill_task.loss(student_out, teacher_out) / group_size
                 (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -28,9 +28,10 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
     return None
 
 
-def _record_inputs(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[str, list[torch.Tensor]]:
-    """Module name -> the first tensor argument of each of its calls (modules that own parameters)."""
-    seen: dict[str, list[torch.Tensor]] = {}
+def _visit_inputs(
+    model: nn.Module, run: Callable[[nn.Module], object], visit: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Call ``visit(name, first tensor argument)`` on every call of every module that owns parameters."""
     handles = []
     for name, module in model.named_modules():
         if next(module.parameters(recurse=False), None) is None:
@@ -39,7 +40,7 @@ def _record_inputs(model: nn.Module, run: Callable[[nn.Module], object]) -> dict
         def hook(_module: nn.Module, args: tuple, *, _name: str = name) -> None:
             tensor = _first_tensor(args)
             if tensor is not None:
-                seen.setdefault(_name, []).append(tensor.detach().clone())
+                visit(_name, tensor.detach())
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -48,30 +49,36 @@ def _record_inputs(model: nn.Module, run: Callable[[nn.Module], object]) -> dict
     finally:
         for handle in handles:
             handle.remove()
-    return seen
 
 
-def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    if len(a) != len(b):
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    if x.shape != y.shape:
         return False
-    for x, y in zip(a, b, strict=True):
-        if x.shape != y.shape:
-            return False
-        scale = y.float().abs().max().clamp_min(1e-12)
-        if ((x.float() - y.float()).abs().max() / scale) > 1e-5:
-            return False
-    return True
+    scale = y.float().abs().max().clamp_min(1e-12)
+    return bool(((x.float() - y.float()).abs().max() / scale) <= 1e-5)
 
 
 def diverging_modules(student: nn.Module, teacher: nn.Module, run: Callable[[nn.Module], object]) -> list[str]:
     """Names of the parameter-owning modules whose inputs differ between student and teacher on one probe run.
 
     ``run(model)`` runs the model on the probe batch (the task's output). Module names are those of
-    ``student.named_modules()``: patching keeps every module in its place.
+    ``student.named_modules()``: patching keeps every module in its place. Only the teacher's inputs are
+    kept; the student's are compared as they come.
     """
-    student_inputs = _record_inputs(student, run)
-    teacher_inputs = _record_inputs(teacher, run)
-    return [name for name, inputs in student_inputs.items() if not _same(inputs, teacher_inputs.get(name, []))]
+    teacher_inputs: dict[str, list[torch.Tensor]] = {}
+    _visit_inputs(teacher, run, lambda name, x: teacher_inputs.setdefault(name, []).append(x.clone()))
+    calls: dict[str, int] = {}  # student calls per module, in the order modules are first called
+    differs: set[str] = set()
+
+    def compare(name: str, x: torch.Tensor) -> None:
+        count = calls.get(name, 0)
+        calls[name] = count + 1
+        expected = teacher_inputs.get(name, [])
+        if count >= len(expected) or not _same(x, expected[count]):
+            differs.add(name)
+
+    _visit_inputs(student, run, compare)
+    return [name for name, count in calls.items() if name in differs or count != len(teacher_inputs.get(name, []))]
 
 
 def _enclosing_block(name: str, containers: set[str]) -> str | None:

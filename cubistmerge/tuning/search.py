@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -418,15 +419,9 @@ def _time(
         patch(task.merging_module(copied), candidate.method, **candidate.options)
         copies.append(task.merging_module(copied))
     seconds = timer([task.merging_module(reference), *copies], example)
-    base = _median(seconds[0])
+    base = statistics.median(seconds[0])
     for candidate, times in zip(pool, seconds[1:], strict=True):
-        candidate.speedup = base / _median(times)
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+        candidate.speedup = base / statistics.median(times)
 
 
 def _calibration_batch(images: Any, task: Any, model: nn.Module, count: int) -> torch.Tensor:
