@@ -11,12 +11,16 @@ The search, and what it costs (C candidates, n calibration images, F finalists):
 3. **Successive halving on fidelity**: every survivor is scored on the first ``n0`` calibration images against
    the unmerged model (:mod:`cubistmerge.tuning.fidelity`), the better half goes on to twice as many images, and
    so on until ``finalists`` remain or all ``n`` images are used: about ``C * n0 * log2(C / F) + F * n`` image
-   forwards instead of ``C * n``.
+   forwards instead of ``C * n``. "Better" ranks by layer of the fidelity-vs-FLOP-ratio front first, then by
+   fidelity: by fidelity alone only the least-merging (slowest) settings would survive.
 4. **Time the finalists** interleaved with the unmerged model on the target device (medians over ``runs``
-   rounds after ``warmup``), and return the finalist with the best fidelity that meets the measured target.
-   When none does, a second round takes the next-best candidates whose FLOP ratio, corrected by the
-   finalists' measured efficiency (speed-up / FLOP ratio), reaches the target; if still none, the fastest
-   finalist is returned with ``met=False`` and a message that says so.
+   rounds after ``warmup``): ``F`` members of the front (settings no other beats on both FLOP ratio and
+   fidelity) spread over FLOP ratios from ``flop_slack * target`` to ``target / flop_slack``. If some meet the
+   target, the untimed front members between the fastest miss and the slowest hit are timed too (up to ``F``);
+   the pick is the best fidelity, on all ``n`` images, among the timed settings that meet the target. If none
+   does, a second round times the front settings whose FLOP ratio, corrected by the finalists' median measured
+   efficiency (speed-up / FLOP ratio), reaches the target; if still none, the fastest timed setting is returned
+   with ``met=False`` and a message that says so. At most ``2 F`` settings are timed.
 """
 
 from __future__ import annotations
@@ -305,72 +309,99 @@ def tune(
             + "): lower the target or widen the methods"
         )
 
-    # 3. Successive halving on fidelity.
+    # 3. Successive halving on fidelity, over the layers of the fidelity-vs-FLOP-ratio front.
     clock = time.perf_counter()
     with torch.no_grad(), autocast(device, amp):
         targets = torch.cat([distill_task.outputs(reference, part) for part in batch.split(batch_size)])
-    rung = min(first_rung, batch.shape[0])
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="tune: fidelity", unit="setting", disable=not progress)
-    while True:
-        for candidate in alive:
+
+    def score(pool: list[Candidate], images: int) -> None:
+        for candidate in pool:
+            if candidate.images_scored >= images:
+                continue
             patch(merging, candidate.method, **candidate.options)
             with torch.no_grad(), autocast(device, amp):
-                outputs = torch.cat([distill_task.outputs(student, part) for part in batch[:rung].split(batch_size)])
-            candidate.fidelity = fidelity(kind, outputs.float(), targets[:rung].float())
-            candidate.images_scored = rung
+                outputs = torch.cat([distill_task.outputs(student, p) for p in batch[:images].split(batch_size)])
+            candidate.fidelity = fidelity(kind, outputs.float(), targets[:images].float())
+            candidate.images_scored = images
             bar.update(1)
-        alive.sort(key=lambda c: c.score, reverse=True)
+
+    rung = min(first_rung, batch.shape[0])
+    while True:
+        score(alive, rung)
+        # Ranked by front layer first: halving by fidelity alone would keep only the slowest settings (the
+        # least merging is the most faithful), and none of them might reach the target.
+        alive = _by_front(alive)
         if len(alive) <= finalists or rung >= batch.shape[0]:
             break
         keep = max(finalists, math.ceil(len(alive) / 2))
         for candidate in alive[keep:]:
-            candidate.dropped = f"fidelity below the better half on {rung} images"
+            candidate.dropped = f"below the better half (fidelity vs FLOP ratio) on {rung} images"
         alive = alive[:keep]
         rung = min(2 * rung, batch.shape[0])
-    bar.close()
     seconds["fidelity"] = time.perf_counter() - clock
 
-    # 4. Time the finalists.
+    # 4. Time the finalists: front members spread over the FLOP ratios that may meet the target, then the
+    # untimed front members between the fastest miss and the slowest hit, then (if nothing met) a second round.
     clock = time.perf_counter()
     timer = timer or _interleaved_timer(runs, warmup, amp)
-    chosen_pool = alive[:finalists]
+    front = _front(alive)
+    for candidate in alive:
+        if candidate not in front:
+            candidate.dropped = "dominated: another setting has a higher FLOP ratio and a better fidelity"
+    chosen_pool = _spread(front, finalists, flop_slack * target_speedup, target_speedup / flop_slack)
     _time(chosen_pool, model, distill_task, reference, example, timer, device)
-    meeting = [c for c in chosen_pool if c.speedup is not None and c.speedup >= target_speedup]
     message = ""
-    if not meeting:
-        efficiency = min(c.speedup / c.flop_ratio for c in chosen_pool)
+    meeting = [c for c in chosen_pool if c.speedup >= target_speedup]
+    if meeting:
+        slowest_hit = min(c.flop_ratio for c in meeting)
+        fastest_miss = max((c.flop_ratio for c in chosen_pool if c.speedup < target_speedup), default=0.0)
+        between = [c for c in front if c.speedup is None and fastest_miss < c.flop_ratio < slowest_hit]
+        between = sorted(between, key=lambda c: c.flop_ratio)[:finalists]
+        if between:
+            _time(between, model, distill_task, reference, example, timer, device)
+            chosen_pool += between
+            meeting += [c for c in between if c.speedup >= target_speedup]
+            message = f"Refined: timed {len(between)} more front setting(s) between the fastest miss and slowest hit. "
+    else:
+        efficiency = statistics.median(c.speedup / c.flop_ratio for c in chosen_pool)
         needed = target_speedup / max(efficiency, 1e-6)
-        scored = sorted(
-            (c for c in candidates if c.fidelity and c.speedup is None and c.flop_ratio >= needed),
-            key=lambda c: c.score,
-            reverse=True,
-        )[:finalists]
-        if scored:
-            _time(scored, model, distill_task, reference, example, timer, device)
-            chosen_pool += scored
-            meeting = [c for c in scored if c.speedup >= target_speedup]
+        second = [c for c in candidates if c.fidelity and c.speedup is None and c.flop_ratio >= needed]
+        score(second, batch.shape[0])
+        second = sorted(_front(second), key=lambda c: c.flop_ratio)[:finalists]
+        if second:
+            _time(second, model, distill_task, reference, example, timer, device)
+            chosen_pool += second
+            meeting = [c for c in second if c.speedup >= target_speedup]
             message = (
-                f"No first-round finalist reached {target_speedup:g}x (efficiency {efficiency:.2f}); a "
-                f"second round timed candidates with FLOP ratio >= {needed:.2f}. "
+                f"No first-round finalist reached {target_speedup:g}x (median efficiency {efficiency:.2f}); a "
+                f"second round timed the front settings with FLOP ratio >= {needed:.2f}, scored on all "
+                f"{batch.shape[0]} images. "
             )
     for candidate in chosen_pool:
-        if candidate not in meeting and candidate.dropped is None:
+        if candidate not in meeting:
             candidate.dropped = f"measured {candidate.speedup:.3f}x < target"
     seconds["timing"] = time.perf_counter() - clock
     if meeting:
+        score(meeting, batch.shape[0])  # compared on the same images, however far each went in the halving
         best = max(meeting, key=lambda c: c.score)
+        bar.close()
         message += f"The best fidelity among the {len(meeting)} timed setting(s) that meet the target."
         met = True
     else:
-        best = max(chosen_pool, key=lambda c: c.speedup or 0.0)
+        best = max(chosen_pool, key=lambda c: c.speedup)
+        bar.close()
         message += (
             f"No setting met {target_speedup:g}x on this device: returning the fastest timed one "
             f"({best.speedup:.3f}x). Lower the target or add methods."
         )
         met = False
     best.dropped = None
+    for candidate in candidates:
+        if candidate.dropped is None and candidate is not best:
+            candidate.dropped = "on the front, not timed (its FLOP ratio was not needed to find the target)"
     seconds["total"] = sum(seconds.values())
     return TuneResult(
         setting=best.setting,
@@ -399,6 +430,42 @@ def tune(
             "task": distill_task.describe(),
         },
     )
+
+
+def _dominated(candidate: Candidate, other: Candidate) -> bool:
+    return (
+        other.flop_ratio >= candidate.flop_ratio
+        and other.score >= candidate.score
+        and (other.flop_ratio > candidate.flop_ratio or other.score > candidate.score)
+    )
+
+
+def _front(pool: list[Candidate]) -> list[Candidate]:
+    """The candidates no other one beats on both FLOP ratio and fidelity, fastest last."""
+    front = [c for c in pool if not any(_dominated(c, other) for other in pool)]
+    return sorted(front, key=lambda c: (c.flop_ratio, -c.score))
+
+
+def _by_front(pool: list[Candidate]) -> list[Candidate]:
+    """``pool`` ordered by non-dominated layer (the front, then the front of the rest, ...), each by fidelity."""
+    ordered, rest = [], list(pool)
+    while rest:
+        layer = _front(rest)
+        ordered += sorted(layer, key=lambda c: c.score, reverse=True)
+        rest = [c for c in rest if c not in layer]
+    return ordered
+
+
+def _spread(front: list[Candidate], count: int, low: float, high: float) -> list[Candidate]:
+    """Up to ``count`` front members whose FLOP ratios spread evenly over [low, high] (nearest to each point)."""
+    if len(front) <= count:
+        return list(front)
+    points = [low + (high - low) * i / max(count - 1, 1) for i in range(count)]
+    chosen: list[Candidate] = []
+    for point in points:
+        left = [c for c in front if c not in chosen]
+        chosen.append(min(left, key=lambda c: abs(c.flop_ratio - point)))
+    return sorted(chosen, key=lambda c: c.flop_ratio)
 
 
 def _time(

@@ -119,13 +119,40 @@ def test_a_second_round_corrects_the_flop_prune_by_the_measured_efficiency(image
         settings=SETTINGS,
         calibration_images=4,
         first_rung=4,
-        finalists=2,
+        finalists=1,  # the one first-round finalist is the front's lowest FLOP ratio: it misses at efficiency 0.8
         flop_slack=0.5,
         timer=flop_timer(0.8, log),
         progress=False,
     )
     assert len(log) == 2 and "second round" in result.message
     assert result.met and result.speedup >= 1.2
+
+
+def test_only_front_settings_are_timed_and_the_pick_is_refined_between_miss_and_hit(images):
+    """Dominated settings (another is both faster in FLOPs and more faithful) are never timed; when the spread
+    finalists straddle the target, the front settings between the fastest miss and the slowest hit are timed too,
+    so the pick equals the exhaustive answer with fewer timings."""
+    model = tiny_vit()
+    result = tune(
+        model,
+        images,
+        1.2,
+        settings=SETTINGS,
+        calibration_images=8,
+        first_rung=8,
+        finalists=2,
+        flop_slack=0.5,
+        timer=flop_timer(0.9),
+        progress=False,
+    )
+    scored = [c for c in result.candidates if c.fidelity]
+    timed = [c for c in scored if c.speedup is not None]
+    for candidate in timed:
+        assert not any(
+            o.flop_ratio >= candidate.flop_ratio and o.score > candidate.score for o in scored if o is not candidate
+        )
+    assert any(c.dropped and c.dropped.startswith("dominated") for c in scored)
+    assert result.met and result.setting == brute_force(model, images, SETTINGS, 1.2, 0.9)[0]
 
 
 def test_successive_halving_scores_the_better_half_on_more_images(images):
