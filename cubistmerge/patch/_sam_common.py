@@ -87,6 +87,9 @@ class SamBlockRunner:
     # (attention module, output of its qkv Linear) -> (B', N, head_dim) keys averaged over heads, where B' counts
     # the attention's batch (windows) and N its tokens; what ToMe matches on
     keys_from_qkv: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    # True where a block's own forward already checkpoints itself when asked (transformers' layers): run_blocks then
+    # checkpoints only the steps it runs in the block's place (a reduced window, ToMe around the MLP)
+    checkpoints_itself: bool = False
 
 
 @contextlib.contextmanager
@@ -261,7 +264,7 @@ def run_blocks(
         else:
             step = runner.forward_with_window
             args = (block, x, state.window)
-        if checkpointing:
+        if checkpointing and not (step is block and runner.checkpoints_itself):
             x = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
         else:
             x = step(*args)
@@ -278,7 +281,7 @@ def _tome_block(
     else:
         tile = window or max(x.shape[1:3])
         step, args = partial(_tome_step, runner=runner, r=r, tile=tile), (block, x)
-    if checkpointing:
+    if checkpointing and not (step is block and runner.checkpoints_itself):
         return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
     return step(*args)
 
