@@ -18,7 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from . import hf_dinov3, hf_sam, hf_vit, segment_anything, timm_eva, timm_sam, timm_tinyvit, timm_vit
+from . import hf_dinov3, hf_sam, hf_vit, segment_anything, timm_eva, timm_hiera, timm_sam, timm_tinyvit, timm_vit
 from ._swap import patched_family
 from .options import CubistOptions, ExpediteOptions, PiToMeOptions, ToFuOptions, ToMeOptions
 
@@ -30,7 +30,7 @@ _BUILDERS = {
     "pitome": PiToMeOptions,
     "tofu": ToFuOptions,
 }
-_FAMILIES = (timm_vit, timm_sam, segment_anything, timm_eva, timm_tinyvit, hf_sam, hf_vit, hf_dinov3)
+_FAMILIES = (timm_vit, timm_sam, segment_anything, timm_eva, timm_tinyvit, hf_sam, timm_hiera, hf_vit, hf_dinov3)
 _DEFAULT_FAMILY_METHODS = ("cubist", "tome")
 
 
