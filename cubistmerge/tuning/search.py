@@ -11,16 +11,17 @@ The search, and what it costs (C candidates, n calibration images, F finalists):
 3. **Successive halving on fidelity**: every survivor is scored on the first ``n0`` calibration images against
    the unmerged model (:mod:`cubistmerge.tuning.fidelity`), the better half goes on to twice as many images, and
    so on until ``finalists`` remain or all ``n`` images are used: about ``C * n0 * log2(C / F) + F * n`` image
-   forwards instead of ``C * n``. "Better" ranks by layer of the fidelity-vs-FLOP-ratio front first, then by
-   fidelity: by fidelity alone only the least-merging (slowest) settings would survive.
+   forwards instead of ``C * n``. "Better" ranks by layer of each method's fidelity-vs-FLOP-ratio front first,
+   then by fidelity: by fidelity alone only the least-merging (slowest) settings would survive.
 4. **Time the finalists** interleaved with the unmerged model on the target device (medians over ``runs``
-   rounds after ``warmup``): ``F`` members of the front (settings no other beats on both FLOP ratio and
-   fidelity) spread over FLOP ratios from ``flop_slack * target`` to ``target / flop_slack``. If some meet the
-   target, the untimed front members between the fastest miss and the slowest hit are timed too (up to ``F``);
-   the pick is the best fidelity, on all ``n`` images, among the timed settings that meet the target. If none
-   does, a second round times the front settings whose FLOP ratio, corrected by the finalists' median measured
-   efficiency (speed-up / FLOP ratio), reaches the target; if still none, the fastest timed setting is returned
-   with ``met=False`` and a message that says so. At most ``2 F`` settings are timed.
+   rounds after ``warmup``): ``F`` front members (settings no other setting of the same method beats on both
+   FLOP ratio and fidelity; methods turn FLOPs into time differently) spread over FLOP ratios from
+   ``flop_slack * target`` to ``target / flop_slack``. If some meet the target, up to ``F`` untimed front
+   members more faithful than the best hit, whose FLOP ratio times their method's measured efficiency
+   (speed-up / FLOP ratio) comes close to the target, are timed too. If none meets it, a second round times the
+   most faithful front settings predicted to reach it that way; if still none, the fastest timed setting is
+   returned with ``met=False`` and a message that says so. The pick is the best fidelity, on all ``n`` images,
+   among the timed settings that meet the target. At most ``2 F`` settings are timed.
 """
 
 from __future__ import annotations
@@ -350,35 +351,50 @@ def tune(
     front = _front(alive)
     for candidate in alive:
         if candidate not in front:
-            candidate.dropped = "dominated: another setting has a higher FLOP ratio and a better fidelity"
+            candidate.dropped = "dominated: a setting of its method has a higher FLOP ratio and a better fidelity"
     chosen_pool = _spread(front, finalists, flop_slack * target_speedup, target_speedup / flop_slack)
     _time(chosen_pool, model, distill_task, reference, example, timer, device)
     message = ""
     meeting = [c for c in chosen_pool if c.speedup >= target_speedup]
+    efficiency = _efficiencies(chosen_pool)
     if meeting:
-        slowest_hit = min(c.flop_ratio for c in meeting)
-        fastest_miss = max((c.flop_ratio for c in chosen_pool if c.speedup < target_speedup), default=0.0)
-        between = [c for c in front if c.speedup is None and fastest_miss < c.flop_ratio < slowest_hit]
-        between = sorted(between, key=lambda c: c.flop_ratio)[:finalists]
-        if between:
-            _time(between, model, distill_task, reference, example, timer, device)
-            chosen_pool += between
-            meeting += [c for c in between if c.speedup >= target_speedup]
-            message = f"Refined: timed {len(between)} more front setting(s) between the fastest miss and slowest hit. "
+        # Only an untimed setting more faithful than the best hit, predicted fast enough by its method's
+        # measured efficiency, could change the answer.
+        score(meeting, batch.shape[0])
+        bar_score = max(c.score for c in meeting)
+        contenders = [
+            c
+            for c in front
+            if c.speedup is None
+            and c.score > bar_score
+            and c.flop_ratio * efficiency(c.method) >= flop_slack * target_speedup
+        ]
+        contenders = sorted(contenders, key=lambda c: c.score, reverse=True)[:finalists]
+        if contenders:
+            _time(contenders, model, distill_task, reference, example, timer, device)
+            chosen_pool += contenders
+            meeting += [c for c in contenders if c.speedup >= target_speedup]
+            message = (
+                f"Refined: timed {len(contenders)} more front setting(s) more faithful than the best hit that "
+                "their method's measured efficiency predicted close to the target. "
+            )
     else:
-        efficiency = statistics.median(c.speedup / c.flop_ratio for c in chosen_pool)
-        needed = target_speedup / max(efficiency, 1e-6)
-        second = [c for c in candidates if c.fidelity and c.speedup is None and c.flop_ratio >= needed]
+        second = [
+            c
+            for c in candidates
+            if c.fidelity and c.speedup is None and c.flop_ratio * efficiency(c.method) >= target_speedup
+        ]
         score(second, batch.shape[0])
-        second = sorted(_front(second), key=lambda c: c.flop_ratio)[:finalists]
+        second = sorted(_front(second), key=lambda c: c.score, reverse=True)[:finalists]
         if second:
             _time(second, model, distill_task, reference, example, timer, device)
             chosen_pool += second
             meeting = [c for c in second if c.speedup >= target_speedup]
+            overall = ", ".join(f"{m} {efficiency(m):.2f}" for m in sorted({c.method for c in chosen_pool}))
             message = (
-                f"No first-round finalist reached {target_speedup:g}x (median efficiency {efficiency:.2f}); a "
-                f"second round timed the front settings with FLOP ratio >= {needed:.2f}, scored on all "
-                f"{batch.shape[0]} images. "
+                f"No first-round finalist reached {target_speedup:g}x (measured efficiency: {overall}); a "
+                f"second round timed the most faithful front settings whose FLOP ratio times their method's "
+                f"efficiency reaches the target, scored on all {batch.shape[0]} images. "
             )
     for candidate in chosen_pool:
         if candidate not in meeting:
@@ -433,15 +449,18 @@ def tune(
 
 
 def _dominated(candidate: Candidate, other: Candidate) -> bool:
+    # Within a method only: methods convert FLOPs into time differently (ToMe's gathers and sorts cost more
+    # per saved FLOP than a regular grid), so a FLOP ratio says little across methods.
     return (
-        other.flop_ratio >= candidate.flop_ratio
+        other.method == candidate.method
+        and other.flop_ratio >= candidate.flop_ratio
         and other.score >= candidate.score
         and (other.flop_ratio > candidate.flop_ratio or other.score > candidate.score)
     )
 
 
 def _front(pool: list[Candidate]) -> list[Candidate]:
-    """The candidates no other one beats on both FLOP ratio and fidelity, fastest last."""
+    """The candidates no other one of their method beats on both FLOP ratio and fidelity, fastest last."""
     front = [c for c in pool if not any(_dominated(c, other) for other in pool)]
     return sorted(front, key=lambda c: (c.flop_ratio, -c.score))
 
@@ -454,6 +473,16 @@ def _by_front(pool: list[Candidate]) -> list[Candidate]:
         ordered += sorted(layer, key=lambda c: c.score, reverse=True)
         rest = [c for c in rest if c not in layer]
     return ordered
+
+
+def _efficiencies(timed: list[Candidate]) -> Callable[[str], float]:
+    """Measured speed-up per FLOP ratio, the median per method (over all timed settings for untimed methods)."""
+    ratios: dict[str, list[float]] = {}
+    for candidate in timed:
+        ratios.setdefault(candidate.method, []).append(candidate.speedup / candidate.flop_ratio)
+    overall = statistics.median(r for values in ratios.values() for r in values)
+    per_method = {method: statistics.median(values) for method, values in ratios.items()}
+    return lambda method: per_method.get(method, overall)
 
 
 def _spread(front: list[Candidate], count: int, low: float, high: float) -> list[Candidate]:
