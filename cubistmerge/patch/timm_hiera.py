@@ -393,22 +393,31 @@ class _MergingHieraDet:
         intermediates_only: bool = False,
         coarse: bool = True,
     ):
-        if norm:
-            raise ValueError("HieraDet has no norm for its intermediates: norm must be False")
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if coarse:
-            take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-            take_indices = [self.stage_ends[i] for i in take_indices]
-            max_index = self.stage_ends[max_index]
-        else:
-            take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, intermediates = self._merged_blocks(x, set(take_indices), max_index if stop_early else None)
-        if output_fmt == "NCHW":
-            intermediates = [y.permute(0, 3, 1, 2) for y in intermediates]
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        take, last = _intermediate_blocks(self, "HieraDet", indices, norm, output_fmt, coarse)
+        x, intermediates = self._merged_blocks(x, take, last if stop_early else None)
+        return _intermediates_output(x, intermediates, output_fmt, intermediates_only)
+
+
+def _intermediate_blocks(
+    model: nn.Module, name: str, indices: int | list[int] | None, norm: bool, output_fmt: str, coarse: bool
+) -> tuple[set[int], int]:
+    """The blocks whose outputs ``forward_intermediates`` returns (stage ends when ``coarse``) and the last one."""
+    if norm:
+        raise ValueError(f"{name} has no norm for its intermediates: norm must be False")
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    if coarse:
+        take_indices, max_index = feature_take_indices(len(model.stage_ends), indices)
+        return {model.stage_ends[i] for i in take_indices}, model.stage_ends[max_index]
+    take_indices, max_index = feature_take_indices(len(model.blocks), indices)
+    return set(take_indices), max_index
+
+
+def _intermediates_output(x: torch.Tensor, intermediates: list[torch.Tensor], output_fmt: str, only: bool):
+    # intermediates: (B, H, W, C) each, as the blocks produce them
+    if output_fmt == "NCHW":
+        intermediates = [y.permute(0, 3, 1, 2) for y in intermediates]
+    return intermediates if only else (x, intermediates)
 
 
 def _tome_step(model: HieraDet, index: int, r: int):
@@ -674,19 +683,6 @@ class _MergingHiera:
         intermediates_only: bool = False,
         coarse: bool = True,
     ):
-        if norm:
-            raise ValueError("Hiera has no norm for its intermediates: norm must be False")
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if coarse:
-            take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
-            take_indices = [self.stage_ends[i] for i in take_indices]
-            max_index = self.stage_ends[max_index]
-        else:
-            take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, intermediates = self._merged_blocks(x, mask, set(take_indices), max_index if stop_early else None)
-        if output_fmt == "NCHW":
-            intermediates = [y.permute(0, 3, 1, 2) for y in intermediates]
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+        take, last = _intermediate_blocks(self, "Hiera", indices, norm, output_fmt, coarse)
+        x, intermediates = self._merged_blocks(x, mask, take, last if stop_early else None)
+        return _intermediates_output(x, intermediates, output_fmt, intermediates_only)
