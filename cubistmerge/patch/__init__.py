@@ -97,7 +97,7 @@ def patch(
     Args:
         model: a supported model (see :class:`UnsupportedModelError` for the list).
         method: ``"cubist"`` (CubistMerge), ``"tome"`` (ToMe baseline),
-            ``"expedite"`` (Expedite baseline; plain timm ViTs and SAM encoders only),
+            ``"expedite"`` (Expedite baseline; plain ViTs (timm, transformers) and SAM encoders only),
             ``"pitome"`` (PiToMe) or ``"tofu"`` (ToFu; both plain timm ViTs only).
         **options: for ``"cubist"``: ``r`` (int tokens per row and column, a
             ``(r_h, r_w)`` pair, or a float fraction of the grid side; default 1),
