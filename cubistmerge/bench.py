@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -46,6 +47,14 @@ from torch import nn
 
 from ._runtime import DTYPES, cpu_snapshot, foreign_cpu_load, synchronize
 from .flops import count_flops
+from .models.hf import (
+    HfModelError,
+    _hf_config_size,
+    _input_channels,
+    _transformers_version,
+    build_hf_model,
+    hf_timed_module,
+)
 from .patch import METHODS as PATCH_METHODS
 
 __all__ = [
@@ -223,6 +232,7 @@ class BenchResult:
     foreign_cpu_load: float | None = None
     cpu_count: int | None = None
     profile_runs: int = 1
+    transformers_version: str | None = None  # of a Hugging Face model's run, else None
 
     @property
     def baseline(self) -> VariantResult:
@@ -245,6 +255,7 @@ class BenchResult:
             f"{self.model} ({self.weights} weights), {self.device} [{self.device_name}], {self.dtype}, "
             f"batch {self.batch_size}, {self.img_size}x{self.img_size}, {self.threads} threads, "
             f"{self.runs} runs after {self.warmup} warm-up, torch {self.torch_version}, timm {self.timm_version}"
+            + ("" if self.transformers_version is None else f", transformers {self.transformers_version}")
             + ("" if self.foreign_cpu_load is None else f", other processes busy {self.foreign_cpu_load:.2f} CPUs")
         )
 
@@ -396,7 +407,7 @@ def build_model(
     if not timm.is_model(model_name):
         raise BenchConfigError(f"unknown timm model {model_name!r}{_suggest_models(model_name)}")
     kwargs: dict[str, Any] = {}
-    if img_size is not None:
+    if img_size is not None and not _takes_any_size(model_name):
         kwargs["img_size"] = img_size
     torch.manual_seed(seed)
     try:
@@ -428,7 +439,29 @@ def _suggest_models(name: str) -> str:
     return f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
 
 
+# timm families built without an img_size argument that take any input size (interpolating their position
+# embeddings in every forward): SAM2's Hiera image encoder (HieraDet, sam2_hiera_*).
+_ANY_SIZE_MODULES = ("timm.models.hieradet_sam2",)
+# SAM2 runs its image encoder at 1024 px for every size of model; timm's pretrained_cfg says 896 for T / S / B+.
+SAM2_IMG_SIZE = 1024
+
+
+def _takes_any_size(model_name: str) -> bool:
+    import timm.models
+
+    try:
+        entrypoint = timm.models.model_entrypoint(model_name)
+    except (RuntimeError, KeyError, ValueError):
+        return False
+    return getattr(entrypoint, "__module__", "") in _ANY_SIZE_MODULES
+
+
 def _model_img_size(model: nn.Module) -> int:
+    if type(model).__module__ in _ANY_SIZE_MODULES:
+        return SAM2_IMG_SIZE
+    hf_size = _hf_config_size(model) if type(model).__module__.startswith("transformers.") else None
+    if hf_size is not None:
+        return hf_size
     patch_embed = getattr(model, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
     if size is not None:
@@ -453,26 +486,89 @@ def _make_copy(baseline: nn.Module, variant: Variant, example: torch.Tensor) -> 
         raise BenchConfigError(f"cannot apply {variant.name!r}: {error}") from error
 
 
+# --------------------------------------------------------------------------- Hugging Face transformers models
+# Loading and building them is cubistmerge.models.hf; here only what timing them needs.
+
+
+def _hf_forward_kwargs(module: nn.Module, size: int) -> dict[str, Any]:
+    """Keyword arguments a transformers model needs for ``size`` x ``size`` pixel values."""
+    own = _hf_config_size(module)
+    if own is None or own == size:
+        return {}
+    if type(module).__name__ == "SamVisionEncoder":
+        raise BenchConfigError(
+            f"SAM's vision encoder takes only {own}x{own} inputs (its position embeddings are not interpolated), "
+            f"not {size}x{size}; build a random-weight one for {size} px with --hf-config (hf_config=)"
+        )
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    # ViT / DeiT interpolate their position embeddings only when asked; DINOv2 always does, DINOv3 uses RoPE.
+    return {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in parameters else {}
+
+
+def _hf_label(
+    full: nn.Module, timed: nn.Module, name: str | None, config: str | os.PathLike[str] | dict[str, Any] | None
+) -> str:
+    """``facebook/dinov2-small (Dinov2Model)``, ``Dinov2Model (config docs/configs/dinov2-base.json)``."""
+    what = type(full).__name__ + ("" if timed is full else ".vision_encoder")
+    if name is not None:
+        return f"{name} ({what})"
+    if isinstance(config, dict):
+        return f"{what} (config dict)"
+    text = os.fspath(config)
+    return f"{what} (config {'JSON' if text.lstrip().startswith('{') else text})"
+
+
 # --------------------------------------------------------------------------- measurement
 
 
-def _timed_forward(model: nn.Module, images: torch.Tensor, device: torch.device) -> float:
+def _timed_forward(
+    model: nn.Module, images: torch.Tensor, device: torch.device, kwargs: dict[str, Any] | None = None
+) -> float:
     synchronize(device)
     start = time.perf_counter()
-    model(images)
+    model(images, **(kwargs or {}))
     synchronize(device)
     return time.perf_counter() - start
 
 
-def _flops_and_tokens(model: nn.Module, images: torch.Tensor) -> tuple[int, list[int] | None]:
-    """FLOPs of a batch-1 forward and the tokens entering each block's attention (via ``norm1``)."""
-    blocks = getattr(model, "blocks", None)
+# Where a model keeps its blocks (timm: blocks; transformers ViT/DeiT and SAM: layers, DINOv2: encoder.layer,
+# DINOv3: model.layer) and the norm in front of each block's attention.
+_BLOCK_PATHS = ("blocks", "layers", "encoder.layer", "model.layer")
+_FIRST_NORMS = ("norm1", "layernorm_before", "layer_norm1")
+
+
+def _block_list(model: nn.Module) -> nn.Module | None:
+    for path in _BLOCK_PATHS:
+        blocks: Any = model
+        for part in path.split("."):
+            blocks = getattr(blocks, part, None)
+        if isinstance(blocks, nn.Sequential | nn.ModuleList):
+            return blocks
+    return None
+
+
+def _first_norm(block: nn.Module) -> nn.Module | None:
+    for name in _FIRST_NORMS:
+        norm = getattr(block, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    return None
+
+
+def _flops_and_tokens(
+    model: nn.Module, images: torch.Tensor, kwargs: dict[str, Any] | None = None
+) -> tuple[int, list[int] | None]:
+    """FLOPs of a batch-1 forward and the tokens entering each block's attention (via its first norm)."""
+    blocks = _block_list(model)
     tokens: list[int] = []
     handles = []
-    if isinstance(blocks, nn.Sequential | nn.ModuleList):
+    if blocks is not None:
         for block in blocks:
-            norm1 = getattr(block, "norm1", None)
-            if isinstance(norm1, nn.Module):
+            norm1 = _first_norm(block)
+            if norm1 is not None:
                 # tokens per image: (B, N, C) sequences and (B, H, W, C) grids (SAM) alike
                 handles.append(
                     norm1.register_forward_pre_hook(
@@ -480,7 +576,8 @@ def _flops_and_tokens(model: nn.Module, images: torch.Tensor) -> tuple[int, list
                     )
                 )
     try:
-        flops = count_flops(model, images)
+        # keyword arguments (transformers' interpolate_pos_encoding) ride along with pixel_values
+        flops = count_flops(model, {"pixel_values": images, **kwargs} if kwargs else images)
     finally:
         for handle in handles:
             handle.remove()
@@ -488,7 +585,9 @@ def _flops_and_tokens(model: nn.Module, images: torch.Tensor) -> tuple[int, list
     return flops, (tokens if handles and len(tokens) == num_blocks else None)
 
 
-def _merge_time(model: nn.Module, images: torch.Tensor, device: torch.device) -> tuple[float, float]:
+def _merge_time(
+    model: nn.Module, images: torch.Tensor, device: torch.device, kwargs: dict[str, Any] | None = None
+) -> tuple[float, float]:
     """(time inside ``cubistmerge::`` scopes, time of the whole forward), seconds, one profiled pass.
 
     On CPU the wall-clock intervals of the scopes are merged (nested scopes count once). On CUDA the
@@ -505,7 +604,7 @@ def _merge_time(model: nn.Module, images: torch.Tensor, device: torch.device) ->
         warnings.simplefilter("ignore")
         with profile(activities=activities) as prof:
             with record_function(_FORWARD_SCOPE):
-                model(images)
+                model(images, **(kwargs or {}))
             synchronize(device)
         events = list(prof.events())
     forward = [e for e in events if e.name == _FORWARD_SCOPE]
@@ -523,9 +622,9 @@ def _merge_time(model: nn.Module, images: torch.Tensor, device: torch.device) ->
 
 
 def _median_merge_time(
-    model: nn.Module, images: torch.Tensor, device: torch.device, passes: int
+    model: nn.Module, images: torch.Tensor, device: torch.device, passes: int, kwargs: dict[str, Any] | None = None
 ) -> tuple[float, float]:
-    measured = [_merge_time(model, images, device) for _ in range(passes)]
+    measured = [_merge_time(model, images, device, kwargs) for _ in range(passes)]
     measured.sort(key=lambda m: m[0] / m[1] if m[1] > 0 else 0.0)
     return measured[(len(measured) - 1) // 2]
 
@@ -602,7 +701,7 @@ def _resolve_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
 
 
 def benchmark(
-    model_name: str,
+    model_name: str | None,
     variants: Sequence[Variant | str | Sequence[Any]],
     *,
     batch_size: int = 8,
@@ -618,11 +717,15 @@ def benchmark(
     command: str | None = None,
     log: Callable[[str], None] | None = None,
     profile_runs: int = 1,
+    hf_model: str | None = None,
+    hf_config: str | os.PathLike[str] | dict[str, Any] | None = None,
+    hf_options: dict[str, Any] | None = None,
 ) -> BenchResult:
     """Measure the unmerged model and each variant; see the module docstring for the method.
 
     Args:
-        model_name: a timm model name, e.g. ``"deit_small_patch16_224"``.
+        model_name: a timm model name, e.g. ``"deit_small_patch16_224"`` (sam2_hiera_* run at 1024 px by
+            default, as SAM2 does); None with ``hf_model`` or ``hf_config``.
         variants: :class:`Variant` objects, method names, or ``(method, options)`` pairs. The
             baseline (unpatched model) is always measured and is the first row of the result.
         batch_size: images per forward pass.
@@ -638,6 +741,13 @@ def benchmark(
         log: optional callable receiving short status messages.
         profile_runs: profiled forward passes per copy for the merge cost (after the timed rounds);
             with more than one, the pass with the median merge fraction is reported.
+        hf_model: instead of a timm model, a Hugging Face transformers model with its pretrained weights
+            (hub id or local directory; ``AutoModel.from_pretrained``). A ``SamModel``'s vision encoder is
+            timed; ViT / DeiT get ``interpolate_pos_encoding=True`` at a size other than their config's.
+        hf_config: instead of a timm model, a random-weight transformers model built from this config (see
+            :func:`cubistmerge.models.hf.build_hf_model`: a config.json, a directory holding one, a dict, or a
+            model type).
+        hf_options: config fields to override for ``hf_model`` / ``hf_config`` (``{"hidden_size": 768}``).
 
     Raises:
         BenchConfigError: the model or a variant cannot be set up.
@@ -649,17 +759,41 @@ def benchmark(
         )
     if img_size is not None and img_size < 1:
         raise BenchConfigError(f"img_size must be positive, got {img_size}")
+    hf = hf_model is not None or hf_config is not None
+    if sum(x is not None for x in (model_name, hf_model, hf_config)) != 1:
+        raise BenchConfigError("give exactly one of a timm model name, hf_model and hf_config")
+    if hf and (checkpoint is not None or pretrained):
+        raise BenchConfigError(
+            "checkpoint and pretrained apply to timm models; hf_model loads its own pretrained weights, "
+            "hf_config builds random ones"
+        )
+    if hf_options and not hf:
+        raise BenchConfigError("hf_options apply only to hf_model or hf_config")
     parsed = [Variant.coerce(v) for v in variants]
     dev = _resolve_device(device)
     dtype_name, torch_dtype = _resolve_dtype(dtype)
     say = log or (lambda _message: None)
 
-    say(f"building {model_name}")
-    base = build_model(model_name, img_size=img_size, checkpoint=checkpoint, pretrained=pretrained, seed=seed)
-    size = img_size if img_size is not None else _model_img_size(base)
+    if hf:
+        say(f"building the Hugging Face model {hf_model if hf_model is not None else 'from its config'}")
+        try:
+            full = build_hf_model(hf_model, config=hf_config, options=hf_options, img_size=img_size, seed=seed)
+        except HfModelError as error:
+            raise BenchConfigError(str(error)) from error
+        base = hf_timed_module(full)
+        size = img_size if img_size is not None else _model_img_size(base)
+        forward_kwargs = _hf_forward_kwargs(base, size)
+        model_name = _hf_label(full, base, hf_model, hf_config)
+    else:
+        assert model_name is not None
+        say(f"building {model_name}")
+        base = build_model(model_name, img_size=img_size, checkpoint=checkpoint, pretrained=pretrained, seed=seed)
+        size = img_size if img_size is not None else _model_img_size(base)
+        forward_kwargs = {}
     base = base.to(device=dev, dtype=torch_dtype)
+    channels = _input_channels(base)
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch_size, 3, size, size, generator=generator).to(device=dev, dtype=torch_dtype)
+    images = torch.randn(batch_size, channels, size, size, generator=generator).to(device=dev, dtype=torch_dtype)
     single = images[:1].clone()
     labels = ["baseline"] + [v.name for v in parsed]
     models = [base] + [_make_copy(base, v, single) for v in parsed]
@@ -669,7 +803,7 @@ def benchmark(
     tokens: list[list[int] | None] = []
     for label, model in zip(labels, models, strict=True):
         try:
-            count, block_tokens = _flops_and_tokens(model, single)
+            count, block_tokens = _flops_and_tokens(model, single, forward_kwargs)
         except (ValueError, RuntimeError) as error:
             raise BenchConfigError(f"{label}: forward pass failed: {error}") from error
         flops.append(count)
@@ -681,13 +815,13 @@ def benchmark(
         say(f"warming up ({warmup} rounds)")
         for _ in range(warmup):
             for model in models:
-                _timed_forward(model, images, dev)
+                _timed_forward(model, images, dev, forward_kwargs)
         from tqdm.auto import tqdm
 
         bar = tqdm(range(runs), desc=f"bench {model_name}", unit="round", disable=None if progress else True)
         for _ in bar:
             for i, model in enumerate(models):
-                times[i].append(_timed_forward(model, images, dev))
+                times[i].append(_timed_forward(model, images, dev, forward_kwargs))
         bar.close()
         foreign = foreign_cpu_load(cpu_before, cpu_snapshot())
         if foreign is not None and foreign > 0.25:
@@ -696,7 +830,7 @@ def benchmark(
                 f"the timings are noisy (look at the spread)"
             )
         say("profiling merge cost")
-        merge = [_median_merge_time(model, images, dev, profile_runs) for model in models]
+        merge = [_median_merge_time(model, images, dev, profile_runs, forward_kwargs) for model in models]
 
     throughput = [[batch_size / t for t in ts] for ts in times]
     base_stats = RunStats.of(throughput[0])
@@ -733,7 +867,7 @@ def benchmark(
     if checkpoint is not None:
         weights = os.fspath(checkpoint)
     else:
-        weights = "pretrained" if pretrained else "random"
+        weights = "pretrained" if pretrained or hf_model is not None else "random"
     return BenchResult(
         model=model_name,
         weights=weights,
@@ -756,4 +890,5 @@ def benchmark(
         foreign_cpu_load=foreign,
         cpu_count=os.cpu_count(),
         profile_runs=profile_runs,
+        transformers_version=_transformers_version() if hf else None,
     )

@@ -25,7 +25,8 @@ from ._options import (
 )
 
 BENCH_DESCRIPTION = """\
-Measure inference throughput (images/s) of a timm model without token merging (the baseline) and
+Measure inference throughput (images/s) of a timm model, or of a Hugging Face transformers ViT / DeiT /
+DINOv2 / DINOv3 / SAM (--hf-model, --hf-config), without token merging (the baseline) and
 with each requested merge method. All copies share the same weights and run in one process,
 interleaved round robin after warm-up, so they see the same machine conditions.
 
@@ -34,8 +35,9 @@ speed-up over the baseline (ratio of medians), GFLOPs per image, the FLOP ratio 
 variant FLOPs), the efficiency (speed-up / FLOP ratio; 1.0 means wall-clock time shrank as much as
 the FLOPs did) and the merge time (share of one profiled forward pass spent merging tokens).
 
-Weights are random unless --checkpoint or --pretrained is given: throughput does not depend on them
-(accuracy is not measured here)."""
+Weights are random unless --checkpoint, --pretrained or --hf-model is given: throughput does not depend
+on them (accuracy is not measured here). A SAM's image encoder is what is timed (the part merging
+changes); timm's sam2_hiera_* run at 1024 px unless --img-size says otherwise, as SAM2 does."""
 
 BENCH_EPILOG = """\
 examples:
@@ -44,18 +46,58 @@ examples:
   cubistmerge bench --method cubist --cubist-stages 1:1:1,6:1:1 --method tome --tome-r 8,-0.5
   cubistmerge bench --method none --runs 20           # A/A control: the speed-up should be ~1
   cubistmerge bench --device cuda --dtype bfloat16 --batch-size 64 --json bench.json --markdown bench.md
+  cubistmerge bench --model sam2_hiera_tiny --method cubist --cubist-r 2 --cubist-loc 2 --batch-size 1
+  cubistmerge bench --hf-config docs/configs/dinov2-base.json --img-size 224   # random-weight DINOv2-B
+  cubistmerge bench --hf-config docs/configs/sam-vit-base.json --method cubist --batch-size 1   # SAM-B encoder
+  cubistmerge bench --hf-config dinov2 --hf-option hidden_size=384 --hf-option num_attention_heads=6  # DINOv2-S
+  cubistmerge bench --hf-model facebook/dinov2-small  # pretrained, from the Hugging Face hub
 """
+
+
+def _hf_option(text: str) -> tuple[str, Any]:
+    from ..models.hf import HfModelError, parse_hf_option
+
+    try:
+        return parse_hf_option(text)
+    except HfModelError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from ..bench import DTYPES
 
     what = parser.add_argument_group("what to measure")
-    what.add_argument(
+    model = what.add_mutually_exclusive_group()
+    model.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         metavar="NAME",
-        help="timm model name; the merge methods need a plain ViT/DeiT (default: %(default)s)",
+        help="timm model name: a ViT/DeiT, Eva, samvit, TinyViT, Hiera or sam2_hiera_* (default: %(default)s)",
+    )
+    model.add_argument(
+        "--hf-model",
+        default=None,
+        metavar="NAME",
+        help="a Hugging Face transformers model instead, pretrained (AutoModel.from_pretrained: hub id or local "
+        "directory; needs the hub or its cache), e.g. facebook/dinov2-small",
+    )
+    model.add_argument(
+        "--hf-config",
+        default=None,
+        metavar="CONFIG",
+        help="a random-weight transformers model instead (AutoModel.from_config), from a config.json, a "
+        "directory holding one, inline JSON, or a model type with transformers' defaults (vit, deit, dinov2, "
+        "dinov2_with_registers, dinov3_vit, sam, sam_vision_model)",
+    )
+    what.add_argument(
+        "--hf-option",
+        dest="hf_options",
+        action="append",
+        type=_hf_option,
+        default=None,
+        metavar="KEY=VALUE",
+        help="override a field of the --hf-model / --hf-config config (a Python literal; dotted for sub-configs: "
+        "vision_config.image_size=512; attn_implementation=eager|sdpa); repeatable",
     )
     what.add_argument(
         "--method",
@@ -84,7 +126,9 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="PX",
-        help="square input resolution (default: the model's own, e.g. 224)",
+        help="square input resolution (default: the model's own, e.g. 224; 1024 for sam2_hiera_*; an HF model's "
+        "config image_size; ViT/DeiT then get interpolate_pos_encoding, an HF SAM from --hf-config is built "
+        "for it)",
     )
     setup.add_argument(
         "--device", type=_device, default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: %(default)s)"
@@ -169,6 +213,14 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
     from ..bench import BenchConfigError, benchmark
 
     variants = _bench_variants(args, parser)
+    hf = args.hf_model is not None or args.hf_config is not None
+    if args.hf_options and not hf:
+        parser.error("--hf-option applies only to --hf-model or --hf-config")
+    if hf and (args.checkpoint is not None or args.pretrained):
+        parser.error(
+            f"{'--checkpoint' if args.checkpoint is not None else '--pretrained'} applies only to timm models "
+            "(--model); --hf-model loads its pretrained weights, --hf-config builds random ones"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -179,7 +231,7 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
 
     try:
         result = benchmark(
-            args.model,
+            None if hf else args.model,
             variants,
             batch_size=args.batch_size,
             img_size=args.img_size,
@@ -193,6 +245,9 @@ def _run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: 
             command=shlex.join(["cubistmerge", *argv]),
             log=log,
             profile_runs=args.profile_runs,
+            hf_model=args.hf_model,
+            hf_config=args.hf_config,
+            hf_options=dict(args.hf_options) if args.hf_options else None,
         )
     except BenchConfigError as error:
         parser.error(str(error))
