@@ -41,6 +41,7 @@ class Group:
     variants: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     img_size: int | None = None  # None: --img-size, else the model's own
     batch_size: int | None = None  # None: --batch-size
+    hf_config: str | None = None  # a transformers config (docs/configs/...): model is then only a label
 
 
 SUITE: list[Group] = [
@@ -87,7 +88,42 @@ SPATIAL_SUITE: list[Group] = [
         batch_size=2,
     ),
 ]
-SUITES = {"vit": SUITE, "spatial": SPATIAL_SUITE}
+# The backbones people load from Hugging Face transformers (random weights from docs/configs, transformers'
+# own config defaults for DINOv2-B and SAM-B) and SAM 2's Hiera image encoder (timm's sam2_hiera_base_plus).
+HF_SUITE: list[Group] = [
+    Group(
+        "hf_dinov2_base_224",
+        "Dinov2Model ViT-B/14",
+        [("cubist", {"r": 1, "loc": 1}), ("cubist", {"r": 2, "loc": 1}), ("tome", {"r": 8})],
+        img_size=224,
+        batch_size=8,
+        hf_config="docs/configs/dinov2-base.json",
+    ),
+    Group(
+        "hf_dinov2_base_518",
+        "Dinov2Model ViT-B/14",
+        [("cubist", {"r": 2, "loc": 1}), ("cubist", {"r": 4, "loc": 1}), ("tome", {"r": 64})],
+        img_size=518,
+        batch_size=1,
+        hf_config="docs/configs/dinov2-base.json",
+    ),
+    Group(
+        "hf_sam_base_1024",
+        "SamModel ViT-B",
+        [("cubist", {"r": 2, "loc": 1, "windows": "window"}), ("cubist", {"r": 8, "loc": 1, "windows": "grid"})],
+        img_size=1024,
+        batch_size=1,
+        hf_config="docs/configs/sam-vit-base.json",
+    ),
+    Group(
+        "sam2_hiera_base_plus_1024",
+        "sam2_hiera_base_plus",
+        [("cubist", {"r": 2, "loc": 6}), ("cubist", {"r": 4, "loc": 6}), ("tome", {"r": 8})],
+        img_size=1024,
+        batch_size=1,
+    ),
+]
+SUITES = {"vit": SUITE, "spatial": SPATIAL_SUITE, "hf": HF_SUITE}
 
 INTRO = """\
 # Benchmarks
@@ -243,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--suite",
         choices=list(SUITES),
         default="vit",
-        help="which suite: plain ViTs, or the spatial backbones (SAM at 1024, DINOv3) (default: %(default)s)",
+        help="which suite: plain ViTs, the spatial backbones (SAM at 1024, DINOv3), or Hugging Face transformers "
+        "models and SAM 2's Hiera (default: %(default)s)",
     )
     parser.add_argument(
         "--groups",
@@ -285,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[make_benchmarks] {model}: {', '.join(Variant(*v).name for v in group.variants)}", file=sys.stderr)
         try:
             result = benchmark(
-                model,
+                None if group.hf_config and not args.model else model,
                 [Variant(method, options) for method, options in group.variants],
                 batch_size=group.batch_size or args.batch_size,
                 img_size=group.img_size or args.img_size,
@@ -297,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 command=command,
                 log=lambda message: print(f"[make_benchmarks] {message}", file=sys.stderr),
                 profile_runs=args.profile_runs,
+                hf_config=None if args.model else group.hf_config and str(REPO_ROOT / group.hf_config),
             )
         except BenchConfigError as error:
             print(f"make_benchmarks: error: {error}", file=sys.stderr)

@@ -191,7 +191,7 @@ def candidate_settings(merging_module: nn.Module, methods: Sequence[str]) -> lis
                                 options = {"r": r, "loc": loc, "metric": metric, "representation": representation}
                                 out.append(("cubist", {**options, "prop_attn": True} if prop_attn else options))
         elif method in ("tome", "tofu"):
-            out += [(method, {"r": r}) for r in (2, 4, 8, 12, 16, 24)]
+            out += [(method, {"r": r}) for r in (2, 4, 8, 12, 16, 20, 24)]
         elif method == "expedite":
             out += [("expedite", {"r": r, "loc": loc}) for loc in locs for r in (1, 2, 3)]
         elif method == "pitome":
