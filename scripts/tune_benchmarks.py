@@ -30,7 +30,7 @@ from make_benchmarks import write_section  # noqa: E402
 from make_curves import _task  # noqa: E402
 
 from cubistmerge.assets import assets_dir  # noqa: E402
-from cubistmerge.sweep import SweepResult, parse_setting, run_sweep  # noqa: E402
+from cubistmerge.sweep import SweepResult, run_sweep  # noqa: E402
 from cubistmerge.tuning import tune  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,11 +41,10 @@ GOALS = {"sam": ("mIoU points", 100.0, 0.3), "dense": ("correlation", 1.0, 0.003
 
 
 def _key(method: str, options: dict) -> str:
-    """The same setting written the same way, whatever the defaults it spelled out."""
-    variant = parse_setting(method + "".join(f" {k}={v}" for k, v in sorted(options.items())))
+    """The same setting written the same way, whatever defaults it spelled out (tuples and lists alike)."""
     defaults = {"metric": "cosine", "representation": "maxmag", "prop_attn": False} if method == "cubist" else {}
-    kept = {k: v for k, v in variant.options.items() if defaults.get(k, object()) != v}
-    return json.dumps([variant.method, {k: kept[k] for k in sorted(kept)}], default=str)
+    kept = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if defaults.get(k, object()) != v}
+    return json.dumps([method, {k: kept[k] for k in sorted(kept)}], default=str)
 
 
 def compare(report: dict, curves: SweepResult, source: Path) -> None:
@@ -86,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curves", type=Path, help="the labelled curves JSON (make_curves --json)")
     parser.add_argument("--targets", type=float, nargs="+", default=[1.2, 1.3, 1.5])
     parser.add_argument("--calibration-images", type=int, default=16)
+    parser.add_argument("--first-rung", type=int, default=4, help="images of the halving's first rung")
     parser.add_argument(
         "--batch-size", type=int, default=None, help="timing batch (default: the curves' speed input batch)"
     )
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             methods=METHODS[args.task],
             batch_size=args.batch_size,
             calibration_images=args.calibration_images,
+            first_rung=args.first_rung,
             runs=args.runs,
         )
         wall = time.perf_counter() - clock
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "primary_metric": curves.primary_metric,
         "unmerged": unmerged,
         "calibration_images": args.calibration_images,
+        "first_rung": args.first_rung,
         "threads": args.threads,
         "batch_size": args.batch_size,
         "runs": args.runs,
@@ -191,7 +193,8 @@ def write(report: dict, output: Path) -> None:
         f"## tune: the tuner's pick vs the labelled sweep, {NAMES[task]}",
         "",
         f"`cubistmerge tune` on {NAMES[task]}: the tuner's pick from {report['calibration_images']} unlabelled "
-        f"imagenet-sample-images, searching {', '.join(report['methods'])}; timed at batch {report['batch_size']}, "
+        f"imagenet-sample-images (halving from {report.get('first_rung', 4)}), searching "
+        f"{', '.join(report['methods'])}; timed at batch {report['batch_size']}, "
         f"{report['runs']} interleaved rounds, {report['threads']} thread(s). Its labelled quality "
         f"({report['primary_metric']}; unmerged {report['unmerged']:.4f}) beside the best setting of the labelled "
         f"curves at the same target (by the curves' measured speed-ups: `{cw['curves']}`, {cw['threads']} thread(s), "
