@@ -116,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         payload = json.loads(args.from_json.read_text())
+        notes = payload.get("notes")
         result, training = SweepResult.from_dict(payload["sweep"]), payload["training"]
     else:
+        notes = None
         torch.set_num_threads(args.threads)
         task, model, _ = _task(args.task, args)
         settings = args.setting or list(SETTINGS[args.task])
@@ -149,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     plot = ROOT / PLOTS[args.task]
     plot.parent.mkdir(parents=True, exist_ok=True)
     result.plot(plot, title=f"{TITLES[args.task]} — {result.setup.get('data', '')}")
-    table = render(args.task, result, training, plot.relative_to(ROOT))
+    table = render(args.task, result, training, plot.relative_to(ROOT), notes)
     print(table)
     write_section(args.output, SECTIONS[args.task], table)
     return 0
 
 
-def render(task: str, result: SweepResult, training: dict, plot: Path) -> str:
+def render(task: str, result: SweepResult, training: dict, plot: Path, notes: list[str] | None = None) -> str:
     setup = result.setup
     metrics = result.metric_names()
     scale, digits = (100.0, 2) if task == "sam" else (1.0, 4)
@@ -196,6 +198,7 @@ def render(task: str, result: SweepResult, training: dict, plot: Path) -> str:
             "speed-ups are noisy; the curves sections above time the same settings on a quiet machine.",
         ]
     lines += ["", "Goals, judged on the students: " + _verdict(task, result, training, rows)]
+    lines += ["", *notes] if notes else []
     lines += ["", f"![{TITLES[task]}]({plot.as_posix()})"]
     return "\n".join(lines)
 

@@ -230,6 +230,8 @@ def write(report: dict, output: Path) -> None:
     lines.append("")
     for pick in report["picks"]:
         lines.append(f"- {pick['target']:g}×: {pick['message']}")
+    # what the run itself cannot know (written into the JSON by whoever ran it)
+    lines += ["", *report.get("notes", [])] if report.get("notes") else []
     write_section(output, f"tune-{task}-cpu", "\n".join(lines))
 
 
