@@ -225,6 +225,9 @@ def render_section(
                 threads=settings["threads"],
                 profile_runs=settings["profile_runs"],
             )
+            config = re.fullmatch(r".* \(config (.+)\)", result.model)
+            if config:  # a transformers model built from a config file: the bench takes that file
+                one = one.replace(f"--model {shlex.quote(result.model)}", f"--hf-config {shlex.quote(config[1])}")
             reproduce.append(f"- {result.model}, {row.label}: `{one}`")
     lines += [
         "",
@@ -302,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _repo_path(relative: str) -> str:
+    return relative if Path.cwd().resolve() == REPO_ROOT else str(REPO_ROOT / relative)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -334,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 command=command,
                 log=lambda message: print(f"[make_benchmarks] {message}", file=sys.stderr),
                 profile_runs=args.profile_runs,
-                hf_config=None if args.model else group.hf_config and str(REPO_ROOT / group.hf_config),
+                # relative to the repository when run from it, so the tables name docs/configs/... as users see it
+                hf_config=None if args.model else group.hf_config and _repo_path(group.hf_config),
             )
         except BenchConfigError as error:
             print(f"make_benchmarks: error: {error}", file=sys.stderr)
