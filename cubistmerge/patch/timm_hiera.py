@@ -324,13 +324,7 @@ def _reduce(
     r_h, r_w = reduction.resolve(reference)
     if r_h == 0 and r_w == 0:
         return x, reduced
-    with torch.profiler.record_function("cubistmerge::cubist_merge"):
-        if any(window):
-            merged, recover, window = cubist_merge_windows(
-                x, window, r_h, r_w, representation=cubist.representation, metric=cubist.metric
-            )
-        else:
-            merged, recover = cubist_merge(x, r_h, r_w, representation=cubist.representation, metric=cubist.metric)
+    merged, recover, window = _cubist_merge(x, window, r_h, r_w, cubist)
     chained = recover if reduced is None else reduced.recover.then(recover)
     return merged, _Reduced(chained, own, window)
 
@@ -396,6 +390,16 @@ class _MergingHieraDet:
         take, last = _intermediate_blocks(self, "HieraDet", indices, norm, output_fmt, coarse)
         x, intermediates = self._merged_blocks(x, take, last if stop_early else None)
         return _intermediates_output(x, intermediates, output_fmt, intermediates_only)
+
+
+def _cubist_merge(x: torch.Tensor, window: tuple[int, int], r_h: int, r_w: int, cubist: CubistOptions):
+    """CubistMerge of a (B, H, W, C) grid inside every ``window`` (windows / mask units), or of the whole grid
+    when ``window`` is (0, 0); returns (merged grid, recover, the reduced window)."""
+    with torch.profiler.record_function("cubistmerge::cubist_merge"):
+        if any(window):
+            return cubist_merge_windows(x, window, r_h, r_w, representation=cubist.representation, metric=cubist.metric)
+        merged, recover = cubist_merge(x, r_h, r_w, representation=cubist.representation, metric=cubist.metric)
+        return merged, recover, window
 
 
 def _intermediate_blocks(
@@ -586,13 +590,7 @@ def _hiera_reduce(
     r_h, r_w = reduction.resolve(unit if any(unit) else tuple(grid.shape[1:3]))
     if r_h == 0 and r_w == 0:
         return x, reduced
-    with torch.profiler.record_function("cubistmerge::cubist_merge"):
-        if any(unit):
-            merged, recover, unit = cubist_merge_windows(
-                grid, unit, r_h, r_w, representation=options.representation, metric=options.metric
-            )
-        else:
-            merged, recover = cubist_merge(grid, r_h, r_w, representation=options.representation, metric=options.metric)
+    merged, recover, unit = _cubist_merge(grid, unit, r_h, r_w, options)
     chained = recover if reduced is None else reduced.recover.then(recover)
     return to_unit_order(merged, unit), _HieraReduced(chained, tuple(merged.shape[1:3]), unit)
 
