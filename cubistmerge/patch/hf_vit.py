@@ -61,7 +61,7 @@ from ._swap import ORIGINAL_CLASS_ATTR, options_of, patched_family, restore_clas
 from ._tokens import store_source
 from .options import CubistOptions, ExpediteOptions, ToMeOptions
 from .state import MergeState
-from .timm_vit import cubist_reduce, expedite_reduce, reconstruct_tokens
+from .timm_vit import cubist_reduce_at, expedite_reduce, reconstruct_tokens
 
 FAMILY = "Hugging Face ViT/DeiT/DINOv2 (transformers ViTModel, DeiTModel, Dinov2Model, Dinov2WithRegistersModel)"
 SUPPORTED_METHODS = ("cubist", "tome", "expedite")
@@ -418,12 +418,9 @@ def merging_forward(
     for i, layer in enumerate(layers):
         if cubist or expedite:
             if cubist:
-                stage = options.stage_at(i)
-                if stage is not None:
-                    r_h, r_w = stage.resolve(state.grid)
-                    if r_h or r_w:
-                        x, state = cubist_reduce(x, state, r_h, r_w, options)
-                        rope.update(state, x.shape[1], per_token)
+                x, state, reduced = cubist_reduce_at(x, state, i, options)
+                if reduced:
+                    rope.update(state, x.shape[1], per_token)
             elif i == options.loc:
                 x, state, reconstruct = expedite_reduce(x, state, options)
             # The layer's own __call__ (its gradient checkpointing included).

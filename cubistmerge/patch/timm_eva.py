@@ -66,7 +66,7 @@ from ._swap import options_of, restore_class, swap_class
 from ._tokens import captured_keys, format_intermediates, patch_grid, start_state, store_source
 from .options import CubistOptions, ToMeOptions
 from .state import MergeState
-from .timm_vit import cubist_reduce
+from .timm_vit import cubist_reduce_at
 
 FAMILY = "timm Eva (EVA-02, DINOv3, PE: timm.models.eva.Eva)"
 
@@ -411,12 +411,9 @@ class _MergingEva:
         blocks = self.blocks if last_block is None else self.blocks[: last_block + 1]
         for i, block in enumerate(blocks):
             if cubist:
-                stage = options.stage_at(i)
-                if stage is not None:
-                    r_h, r_w = stage.resolve(state.grid)
-                    if r_h or r_w:
-                        x, state = cubist_reduce(x, state, r_h, r_w, options)
-                        rope = merged_rope(self, state, grid, per_token, x.shape[1], original_rope)
+                x, state, reduced = cubist_reduce_at(x, state, i, options)
+                if reduced:
+                    rope = merged_rope(self, state, grid, per_token, x.shape[1], original_rope)
                 if checkpointing:
                     x = checkpoint(_plain_block_forward, block, x, rope, state, is_causal, use_reentrant=False)
                 else:

@@ -136,6 +136,20 @@ def cubist_reduce(x: torch.Tensor, state: MergeState, r_h: int, r_w: int, option
     return x, state
 
 
+def cubist_reduce_at(
+    x: torch.Tensor, state: MergeState, block: int, options: CubistOptions
+) -> tuple[torch.Tensor, MergeState, bool]:
+    """The reduction the options schedule at the input of ``block``, if any: (tokens, state, reduced?)."""
+    stage = options.stage_at(block)
+    if stage is None:
+        return x, state, False
+    r_h, r_w = stage.resolve(state.grid)
+    if not (r_h or r_w):
+        return x, state, False
+    x, state = cubist_reduce(x, state, r_h, r_w, options)
+    return x, state, True
+
+
 def expedite_reduce(
     x: torch.Tensor, state: MergeState, options: ExpediteOptions
 ) -> tuple[torch.Tensor, MergeState, Reconstruct | None]:
@@ -268,11 +282,7 @@ class _MergingViT:
         for i, block in enumerate(blocks):
             if cubist or expedite:
                 if cubist:
-                    stage = options.stage_at(i)
-                    if stage is not None:
-                        r_h, r_w = stage.resolve(state.grid)
-                        if r_h or r_w:
-                            x, state = cubist_reduce(x, state, r_h, r_w, options)
+                    x, state, _ = cubist_reduce_at(x, state, i, options)
                 elif i == options.loc:
                     x, state, reconstruct = expedite_reduce(x, state, options)
                 prop_attn = cubist and options.prop_attn
