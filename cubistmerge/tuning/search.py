@@ -345,7 +345,7 @@ def tune(
     seconds["fidelity"] = time.perf_counter() - clock
 
     # 4. Time the finalists: front members spread over the FLOP ratios that may meet the target, then the
-    # untimed front members between the fastest miss and the slowest hit, then (if nothing met) a second round.
+    # untimed front members that could still beat the best hit, or (if nothing met) a second round.
     clock = time.perf_counter()
     timer = timer or _interleaved_timer(runs, warmup, amp)
     front = _front(alive)
@@ -400,15 +400,14 @@ def tune(
         if candidate not in meeting:
             candidate.dropped = f"measured {candidate.speedup:.3f}x < target"
     seconds["timing"] = time.perf_counter() - clock
+    score(meeting, batch.shape[0])  # compared on the same images, however far each went in the halving
+    bar.close()
     if meeting:
-        score(meeting, batch.shape[0])  # compared on the same images, however far each went in the halving
         best = max(meeting, key=lambda c: c.score)
-        bar.close()
         message += f"The best fidelity among the {len(meeting)} timed setting(s) that meet the target."
         met = True
     else:
         best = max(chosen_pool, key=lambda c: c.speedup)
-        bar.close()
         message += (
             f"No setting met {target_speedup:g}x on this device: returning the fastest timed one "
             f"({best.speedup:.3f}x). Lower the target or add methods."
