@@ -233,6 +233,7 @@ class BenchResult:
     cpu_count: int | None = None
     profile_runs: int = 1
     transformers_version: str | None = None  # of a Hugging Face model's run, else None
+    hf_config: str | None = None  # the config file or model type a random-weight transformers model came from
 
     @property
     def baseline(self) -> VariantResult:
@@ -891,4 +892,5 @@ def benchmark(
         cpu_count=os.cpu_count(),
         profile_runs=profile_runs,
         transformers_version=_transformers_version() if hf else None,
+        hf_config=os.fspath(hf_config) if isinstance(hf_config, str | os.PathLike) else None,
     )

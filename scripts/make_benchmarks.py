@@ -214,7 +214,7 @@ def render_section(
                 f"{row.efficiency:.3f} | {100 * row.merge_fraction:.1f}% |"
             )
             one = bench_command_line(
-                result.model,
+                None if result.hf_config else result.model,
                 Variant(row.method, row.options),
                 batch_size=result.batch_size,
                 img_size=result.img_size if suite != "vit" else settings["img_size"],
@@ -224,10 +224,8 @@ def render_section(
                 warmup=result.warmup,
                 threads=settings["threads"],
                 profile_runs=settings["profile_runs"],
+                hf_config=result.hf_config,
             )
-            config = re.fullmatch(r".* \(config (.+)\)", result.model)
-            if config:  # a transformers model built from a config file: the bench takes that file
-                one = one.replace(f"--model {shlex.quote(result.model)}", f"--hf-config {shlex.quote(config[1])}")
             reproduce.append(f"- {result.model}, {row.label}: `{one}`")
     lines += [
         "",

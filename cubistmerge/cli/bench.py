@@ -302,13 +302,14 @@ def variant_to_args(variant: Any) -> list[str]:
     return args
 
 
-def bench_command_line(model: str, variant: Any, **settings: Any) -> str:
+def bench_command_line(model: str | None, variant: Any, **settings: Any) -> str:
     """A ``cubistmerge bench`` command measuring ``variant`` of ``model`` against its baseline.
 
     ``settings`` map option names to values (``batch_size=16`` -> ``--batch-size 16``); True adds
-    a bare flag, None and False are left out.
+    a bare flag, None and False are left out. ``model`` None for a transformers model given by
+    ``hf_model=`` / ``hf_config=`` among the settings.
     """
-    args = ["cubistmerge", "bench", "--model", model, *variant_to_args(variant)]
+    args = ["cubistmerge", "bench", *(["--model", model] if model is not None else []), *variant_to_args(variant)]
     for key, value in settings.items():
         if value is None or value is False:
             continue
