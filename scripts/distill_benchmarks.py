@@ -11,6 +11,11 @@ BENCHMARKS.md and a before / after plot.
     python scripts/distill_benchmarks.py dense --students /tmp/students --json /tmp/dense_distill.json
     python scripts/distill_benchmarks.py sam --students /tmp/students --subset all --epochs 1
     python scripts/distill_benchmarks.py dense --from-json /tmp/dense_distill.json   # render only
+    python scripts/distill_benchmarks.py sam --from-json a.json --from-json b.json --json all.json  # runs side by side
+
+Runs made side by side (one per core, each with some of the settings) are rendered as one table by giving
+``--from-json`` once per run: their unmerged rows must agree on quality (same model, same images), and each
+setting keeps the speed-up measured against the unmerged model of its own run.
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     # the 1.35x / 1.5x region of the curves: CubistMerge's best there and ToMe at a similar speed-up
     "dense": ("cubist r=2 loc=1 representation=mean", "tome r=12"),
+    # (the issue's list: window mode r=1, 2, 3 at loc 2 with either metric, a later loc, ToMe at a similar FLOP ratio)
     "sam": (
         "cubist r=1 loc=2",
+        "cubist r=1 loc=2 metric=l2",
         "cubist r=2 loc=2",
         "cubist r=2 loc=2 metric=l2",
+        "cubist r=3 loc=2",
         "cubist r=3 loc=2 metric=l2",
         "cubist r=2 loc=5",
         "tome r=[12,12,98,98,98,98,98,98,24,24]",
@@ -110,14 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--from-json", type=Path)
+    parser.add_argument("--from-json", type=Path, action="append", help="render saved runs (repeat to join runs)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     args = parser.parse_args(argv)
 
     if args.from_json:
-        payload = json.loads(args.from_json.read_text())
-        notes = payload.get("notes")
-        result, training = SweepResult.from_dict(payload["sweep"]), payload["training"]
+        payloads = [json.loads(path.read_text()) for path in args.from_json]
+        result, training, notes = join_runs(payloads, order=SETTINGS[args.task])
+        if args.json:
+            joined = {"sweep": result.to_dict(), "training": training, **({"notes": notes} if notes else {})}
+            args.json.write_text(json.dumps(joined, indent=1) + "\n")
     else:
         notes = None
         torch.set_num_threads(args.threads)
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for setting, path in students.items():
             recorded = read_checkpoint(path)
             training[setting] = {
-                "checkpoint": path.name,
+                "checkpoint": str(path),
                 "images_seen": recorded["images_seen"],
                 "steps": recorded["step"],
                 "wall_s": recorded.get("wall_s"),
@@ -157,6 +167,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def join_runs(payloads: list[dict], order: tuple[str, ...] = ()) -> tuple[SweepResult, dict, list[str] | None]:
+    """One result from runs made side by side: the first run's rows, then every other run's settings.
+
+    The unmerged rows must agree on every quality metric (they are the same model on the same images); each
+    setting keeps its own run's speed-up, which was timed against that run's unmerged model. Training records
+    are listed in ``order`` (the built-in settings' order), then in the order the runs give them.
+    """
+    first = SweepResult.from_dict(payloads[0]["sweep"])
+    training = dict(payloads[0]["training"])
+    commands = [first.setup.get("command")]
+    notes = payloads[0].get("notes")
+    for payload in payloads[1:]:
+        other = SweepResult.from_dict(payload["sweep"])
+        if other.task != first.task or other.reference.metrics != first.reference.metrics:
+            raise SystemExit(
+                f"the runs disagree on the unmerged model ({first.task}: {first.reference.metrics} vs "
+                f"{other.task}: {other.reference.metrics}); only runs of the same model on the same images join"
+            )
+        known = {row.label for row in first.rows}
+        first.rows += [row for row in other.rows[1:] if row.label not in known]
+        for setting, info in payload["training"].items():
+            # the same setting trained on another budget (another --students folder) gets a row of its own
+            key = setting if setting not in training else f"{setting}, {info['images_seen']} images"
+            training[key] = {**info, "setting": setting}
+        commands.append(other.setup.get("command"))
+        loads = [first.setup.get("foreign_cpu_load"), other.setup.get("foreign_cpu_load")]
+        first.setup["foreign_cpu_load"] = max((x for x in loads if x is not None), default=None)
+        notes = notes or payload.get("notes")
+    if len(payloads) > 1:
+        first.setup["command"] = commands
+        first.setup["runs_joined"] = len(payloads)
+    rank = {setting: i for i, setting in enumerate(order)}
+    training = dict(sorted(training.items(), key=lambda item: rank.get(item[0], len(rank))))
+    return first, training, notes
+
+
 def render(task: str, result: SweepResult, training: dict, plot: Path, notes: list[str] | None = None) -> str:
     setup = result.setup
     metrics = result.metric_names()
@@ -173,20 +219,19 @@ def render(task: str, result: SweepResult, training: dict, plot: Path, notes: li
         f"{config['lr']:g} (warm-up {config['warmup']:g}, cosine), the blocks from the first reduction on trained, "
         f"float32, teacher outputs cached. Then measured like `cubistmerge sweep {task}`: {setup.get('model')}, "
         f"{setup.get('data')}; {setup.get('runs')} interleaved timing rounds on {setup.get('device_name')}, "
-        f"{setup.get('threads')} threads. Command: `{setup.get('command')}`. {GOALS[task]}.",
+        f"{setup.get('threads')} threads. {_commands(setup)} {GOALS[task]}.",
         "",
         "| setting | speed-up | FLOP ratio | "
         + " | ".join(f"{m} before | {m} after" for m in metrics)
         + f" | Δ {result.primary_metric} before → after | training |",
         "|---|---:|---:|" + "---:|---:|" * len(metrics) + "---|---|",
     ]
-    for setting, info in training.items():
-        before = rows[setting]
-        after = next(row for label, row in rows.items() if label.startswith(setting + " checkpoint="))
+    for name, info in training.items():
+        before, after = _before_after(rows, info.get("setting", name), info)
         values = " | ".join(f"{before.metrics[m]:.4f} | {after.metrics[m]:.4f}" for m in metrics)
         wall = f"{info['wall_s'] / 60:.0f} min" if info.get("wall_s") else "?"
         lines.append(
-            f"| {setting} | {before.speedup:.3f}× | {before.flop_ratio:.3f} | {values} | "
+            f"| {name} | {before.speedup:.3f}× | {before.flop_ratio:.3f} | {values} | "
             f"{scale * result.delta(before):+.{digits}f} → {scale * result.delta(after):+.{digits}f} | "
             f"{info['images_seen']} images, {info['steps']} steps, {wall}; loss {info['first_loss']:.3g} → "
             f"{info['last_loss']:.3g} |"
@@ -203,8 +248,29 @@ def render(task: str, result: SweepResult, training: dict, plot: Path, notes: li
     return "\n".join(lines)
 
 
+def _before_after(rows: dict, setting: str, info: dict) -> tuple:
+    """The setting's merged row and its student's (the checkpoint path, or its name in older runs, ends the label)."""
+    after = [
+        row
+        for label, row in rows.items()
+        if label.startswith(setting + " checkpoint=") and label.endswith(str(info["checkpoint"]))
+    ]
+    return rows[setting], after[0]
+
+
+def _commands(setup: dict) -> str:
+    command = setup.get("command")
+    if not isinstance(command, list):
+        return f"Command: `{command}`."
+    runs = "; ".join(f"`{c}`" for c in command)
+    return (
+        f"Made in {len(command)} runs side by side, one per core, each setting timed against the unmerged model "
+        f"of its own run, joined with `--from-json` once per run: {runs}."
+    )
+
+
 def _verdict(task: str, result: SweepResult, training: dict, rows: dict) -> str:
-    students = [next(r for label, r in rows.items() if label.startswith(s + " checkpoint=")) for s in training]
+    students = [_before_after(rows, info.get("setting", name), info)[1] for name, info in training.items()]
     if task == "dense":
         best = max(students, key=lambda r: r.metrics["correlation"])
         met = [
