@@ -243,7 +243,8 @@ def render(task: str, result: SweepResult, training: dict, plot: Path, notes: li
             "speed-ups are noisy; the curves sections above time the same settings on a quiet machine.",
         ]
     lines += ["", "Goals, judged on the students: " + _verdict(task, result, training, rows)]
-    lines += ["", *notes] if notes else []
+    for note in notes or []:
+        lines += ["", note]  # a paragraph each
     lines += ["", f"![{TITLES[task]}]({plot.as_posix()})"]
     return "\n".join(lines)
 
