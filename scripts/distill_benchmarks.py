@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_benchmarks import write_section  # noqa: E402
+from make_benchmarks import note_paragraphs, write_section  # noqa: E402
 from make_curves import _task  # noqa: E402
 
 from cubistmerge.assets import assets_dir  # noqa: E402
@@ -243,8 +243,7 @@ def render(task: str, result: SweepResult, training: dict, plot: Path, notes: li
             "speed-ups are noisy; the curves sections above time the same settings on a quiet machine.",
         ]
     lines += ["", "Goals, judged on the students: " + _verdict(task, result, training, rows)]
-    for note in notes or []:
-        lines += ["", note]  # a paragraph each
+    lines += note_paragraphs(notes)
     lines += ["", f"![{TITLES[task]}]({plot.as_posix()})"]
     return "\n".join(lines)
 

@@ -238,6 +238,14 @@ def render_section(
     return key, "\n".join(lines)
 
 
+def note_paragraphs(notes: list[str] | None) -> list[str]:
+    """Markdown lines for notes a run's JSON carries (what the run itself cannot know): a paragraph each."""
+    lines: list[str] = []
+    for note in notes or []:
+        lines += ["", note]
+    return lines
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the section ``key`` of ``path``, keeping the other sections."""
     sections: dict[str, str] = {}

@@ -17,6 +17,7 @@ lower-resolution baseline included). It writes the "tune" section of BENCHMARKS.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -26,10 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_benchmarks import write_section  # noqa: E402
+from make_benchmarks import note_paragraphs, write_section  # noqa: E402
 from make_curves import _task  # noqa: E402
 
 from cubistmerge.assets import assets_dir  # noqa: E402
+from cubistmerge.patch.options import (  # noqa: E402
+    CubistOptions,
+    ExpediteOptions,
+    PiToMeOptions,
+    ToFuOptions,
+    ToMeOptions,
+)
 from cubistmerge.sweep import SweepResult, run_sweep  # noqa: E402
 from cubistmerge.tuning import tune  # noqa: E402
 
@@ -40,9 +48,18 @@ METHODS = {"sam": ("cubist", "tome"), "dense": ("cubist", "tome", "expedite")}
 GOALS = {"sam": ("mIoU points", 100.0, 0.3), "dense": ("correlation", 1.0, 0.003)}
 
 
+def _defaults(method: str) -> dict:
+    """The options ``method`` fills in when a setting leaves them out (its options class's ``build`` defaults)."""
+    for options_class in (CubistOptions, ToMeOptions, PiToMeOptions, ToFuOptions, ExpediteOptions):
+        if options_class.method == method:
+            parameters = inspect.signature(options_class.build).parameters.values()
+            return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return {}
+
+
 def _key(method: str, options: dict) -> str:
     """The same setting written the same way, whatever defaults it spelled out (tuples and lists alike)."""
-    defaults = {"metric": "cosine", "representation": "maxmag", "prop_attn": False} if method == "cubist" else {}
+    defaults = _defaults(method)
     kept = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if defaults.get(k, object()) != v}
     return json.dumps([method, {k: kept[k] for k in sorted(kept)}], default=str)
 
@@ -74,8 +91,8 @@ def compare(report: dict, curves: SweepResult, source: Path) -> None:
 
 
 def _best(rows: list[dict], target: float, merging_only: bool) -> dict | None:
-    pool = [r for r in rows if r["speedup"] >= target and (r["method"] not in ("resize", "none") or not merging_only)]
-    pool = [r for r in pool if r["method"] != "none"]
+    left_out = ("none", "resize") if merging_only else ("none",)
+    pool = [r for r in rows if r["speedup"] >= target and r["method"] not in left_out]
     return max(pool, key=lambda r: r["quality"], default=None)
 
 
@@ -231,7 +248,7 @@ def write(report: dict, output: Path) -> None:
     for pick in report["picks"]:
         lines.append(f"- {pick['target']:g}×: {pick['message']}")
     # what the run itself cannot know (written into the JSON by whoever ran it)
-    lines += ["", *report.get("notes", [])] if report.get("notes") else []
+    lines += note_paragraphs(report.get("notes"))
     write_section(output, f"tune-{task}-cpu", "\n".join(lines))
 
 
