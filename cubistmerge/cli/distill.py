@@ -67,6 +67,13 @@ def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
     )
     if target == "imagenet":
         method.add_argument("--temperature", type=float, default=1.0, help="KL temperature (default: %(default)s)")
+        method.add_argument(
+            "--ce-weight",
+            type=float,
+            default=0.0,
+            help="cross-entropy weight beside the KL; needs labelled --images (one sub-folder per class, or a "
+            "'file, index' labels.txt) (default: %(default)s)",
+        )
     if target == "dense":
         method.add_argument(
             "--dense-target",
@@ -150,6 +157,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             resume=args.resume,
             save_every=args.save_every,
             temperature=getattr(args, "temperature", 1.0),
+            ce_weight=getattr(args, "ce_weight", 0.0),
             dense_target=getattr(args, "dense_target", "logits"),
             progress=progress,
             max_steps=args.max_steps,
@@ -168,6 +176,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             "setting": result.config.setting,
             "task": result.task,
             "config": vars(result.config),
+            "recipe": result.recipe,
+            "fingerprint": result.fingerprint,
             "images": display_path(images),
             "images_seen": result.images_seen,
             "wall_s": result.wall_s,

@@ -8,7 +8,15 @@ See :func:`distill`; :func:`load_student` rebuilds a student from its checkpoint
 
 from .checkpoint import CheckpointError, load_student, read_checkpoint
 from .data import ImageFolder, find_images
-from .distill import DistillConfig, DistillConfigError, DistillResult, distill
+from .distill import (
+    DistillConfig,
+    DistillConfigError,
+    DistillResult,
+    UntrainedParameterError,
+    distill,
+    distill_recipe,
+    recipe_fingerprint,
+)
 from .tasks import DistillTask, make_task
 
 __all__ = [
@@ -18,9 +26,12 @@ __all__ = [
     "DistillResult",
     "DistillTask",
     "ImageFolder",
+    "UntrainedParameterError",
     "distill",
+    "distill_recipe",
     "find_images",
     "load_student",
     "make_task",
     "read_checkpoint",
+    "recipe_fingerprint",
 ]

@@ -3,7 +3,8 @@
 A checkpoint holds the whole model's ``state_dict`` under its original keys
 (patching only swaps classes, so a patched model's keys are the unpatched
 model's), the merge setting as text (``"cubist r=2 loc=2"``), the task, the
-training configuration and, for resuming, the optimizer, schedule, step and
+training configuration, its recipe and the recipe's fingerprint
+(:func:`cubistmerge.train.distill_recipe`) and, for resuming, the optimizer, schedule, step and
 random states. So::
 
     model.load_state_dict(checkpoint["state_dict"]); cubistmerge.patch(<merged part>, **setting)
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from .trainable import clear_attention_bias_caches
 
 FORMAT = "cubistmerge-distill/1"
 
@@ -111,6 +114,7 @@ def load_student(
     if patched_family(merged) is not None:
         raise ValueError("load_student takes the unpatched model: its merged part is already patched")
     model.load_state_dict(payload["state_dict"])
+    clear_attention_bias_caches(model)  # biases cached by an earlier forward hold the old values
     if patch:
         variant = parse_setting(payload["setting"])
         patch_model(merged, variant.method, **variant.options)
@@ -141,4 +145,5 @@ def load_distilled_weights(
             stacklevel=2,
         )
     model.load_state_dict(payload["state_dict"])
+    clear_attention_bias_caches(model)
     return payload

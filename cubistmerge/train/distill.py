@@ -10,20 +10,30 @@ parameters train.
 
 Both models run in eval mode: BatchNorm keeps its running statistics and
 dropout / drop-path stay off, because the goal is to match the teacher's
-inference behaviour, not to regularise.
+inference behaviour, not to regularise. Caches that timm keeps in eval mode
+(TinyViT's / LeViT's expanded attention biases) are emptied before every
+training forward, so the biases are computed from the current parameters with
+a fresh graph each time.
+
+A run is described by its *recipe* (:func:`distill_recipe`): every choice that
+changes what is trained (setting, task options, schedule, optimizer, clipping,
+dtype, trainable set, data, teacher and starting weights). The checkpoint
+carries it with its fingerprint; a resume that would change any part of it is
+refused, and scripts reuse a student only when the fingerprints match.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +41,22 @@ import torch
 import torch.nn as nn
 
 from .._runtime import autocast, parse_dtype
-from .checkpoint import model_signature, read_checkpoint, save_checkpoint
+from .checkpoint import check_model, model_signature, read_checkpoint, save_checkpoint
 from .tasks import DistillTask, make_task
-from .trainable import select_trainable
+from .trainable import clear_attention_bias_caches, select_trainable
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Config fields that say how a run is carried out, not what it trains: they may change on resume.
+OPERATIONAL_FIELDS = ("workers", "save_every", "eval_every")
+TASK_OPTIONS = ("temperature", "ce_weight", "dense_target")
 
 
 class DistillConfigError(ValueError):
     """A distillation request that cannot run as given; the message says what is allowed."""
+
+
+class UntrainedParameterError(RuntimeError):
+    """Parameters listed as trainable received no gradient: the run would report training it does not do."""
 
 
 @dataclass
@@ -109,6 +126,8 @@ class DistillResult:
     images_seen: int = 0
     wall_s: float = 0.0
     skipped_images: list[tuple[str, str]] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
 
     def summary(self) -> str:
         last = self.history[-1]["loss"] if self.history else float("nan")
@@ -116,7 +135,7 @@ class DistillResult:
         return (
             f"distilled {self.config.setting!r} ({self.task['target']}): {len(self.history)} steps, "
             f"{self.images_seen} images in {self.wall_s:.0f} s, loss {first:.4g} -> {last:.4g}, "
-            f"{len(self.trainable)} trainable tensors"
+            f"{len(self.trainable)} trainable tensors, recipe {self.fingerprint}"
         )
 
 
@@ -137,12 +156,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _weights_digest(model: nn.Module) -> str:
+def weights_digest(model: nn.Module) -> str:
+    """A digest of every parameter's and buffer's name and value: which weights a run started from."""
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def recipe_fingerprint(recipe: dict[str, Any]) -> str:
+    """A short digest of a recipe (:func:`distill_recipe`): equal fingerprints, equal training."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
 class TargetCache:
@@ -152,8 +177,8 @@ class TargetCache:
     modification time, so an edited image is recomputed.
     """
 
-    def __init__(self, root: str | os.PathLike[str], teacher: nn.Module, task: DistillTask, dtype: str) -> None:
-        key = hashlib.sha256(repr((_weights_digest(teacher), task.describe(), dtype)).encode()).hexdigest()[:16]
+    def __init__(self, root: str | os.PathLike[str], teacher_digest: str, task: DistillTask, dtype: str) -> None:
+        key = hashlib.sha256(repr((teacher_digest, task.describe(), dtype)).encode()).hexdigest()[:16]
         self.folder = Path(root) / key
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -185,7 +210,152 @@ class _Objective(nn.Module):
         self.task = task
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Emptied on every forward: a bias cached by an earlier forward belongs to its (freed) graph, or was
+        # computed before the last optimizer step, or under no_grad where it never trains.
+        clear_attention_bias_caches(self.student)
         return self.task.outputs(self.student, images)
+
+
+# --------------------------------------------------------------------------- data and recipe
+
+
+@dataclass
+class _Data:
+    """The training images, their class labels where the loss uses them, and the recipe's view of them."""
+
+    dataset: Any  # an ImageFolder
+    labels: torch.Tensor | None  # (len(dataset),) class indices, or None
+    label_source: str | None
+    digest: str
+
+
+def _labelled_paths(images: Any, task: DistillTask) -> tuple[list[Path] | None, dict[Path, int], str | None]:
+    """The image files and their class labels when the loss uses labels (``ce_weight`` > 0), else none."""
+    if task.ce_weight <= 0:
+        return None, {}, None
+    if task.name != "classifier":
+        raise DistillConfigError(f"ce_weight is a classifier loss; task {task.name!r} has no class labels")
+    if not isinstance(images, str | os.PathLike):
+        raise DistillConfigError(
+            "ce_weight > 0 needs labelled images: give a folder with one sub-folder per class (WordNet ids map to "
+            "the ImageNet-1k indices) or a 'file, index' labels.txt, not a list of files"
+        )
+    from ..eval.imagenet import ImageNetDataset
+
+    try:
+        labelled = ImageNetDataset(images)
+    except (FileNotFoundError, ValueError) as error:
+        raise DistillConfigError(f"ce_weight > 0 needs class labels for the images, but: {error}") from None
+    labels = {Path(path): int(target) for path, target in zip(labelled.paths, labelled.targets, strict=True)}
+    return list(labels), labels, labelled.label_source
+
+
+def _images_digest(paths: Sequence[Path], root: Path, labels: torch.Tensor | None) -> str:
+    digest = hashlib.sha256()
+    for index, path in enumerate(paths):
+        label = "" if labels is None else int(labels[index])
+        digest.update(f"{Path(os.path.relpath(path, root)).as_posix()}|{path.stat().st_size}|{label};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_data(images: Any, task: DistillTask, model: nn.Module, config: DistillConfig) -> _Data:
+    from .data import ImageFolder
+
+    listed, labels_by_path, label_source = _labelled_paths(images, task)
+    dataset = ImageFolder(
+        listed if listed is not None else images,
+        task.transform(model),
+        augment=config.augment,
+        seed=config.seed,
+        max_images=config.max_images,
+    )
+    labels = None
+    if listed is not None:
+        labels = torch.tensor([labels_by_path[Path(p)] for p in dataset.paths], dtype=torch.long)
+    if isinstance(images, str | os.PathLike):
+        root = Path(images)
+    else:
+        root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in dataset.paths]))
+    digest = _images_digest(dataset.paths, root, labels)
+    return _Data(dataset, labels, label_source, digest)
+
+
+def _recipe(
+    config: DistillConfig, task: DistillTask, data: _Data, model: nn.Module, teacher_digest: str, world_size: int
+) -> dict[str, Any]:
+    trained = {k: v for k, v in asdict(config).items() if k not in OPERATIONAL_FIELDS}
+    return {
+        "config": trained,
+        "task": task.describe(),
+        "world_size": world_size,
+        "images": {"count": len(data.dataset), "digest": data.digest, "labels": data.label_source},
+        "student_start": weights_digest(model),
+        "teacher": teacher_digest,
+        "model": model_signature(model)["digest"],
+    }
+
+
+def _make_config(setting: str, options: dict[str, Any]) -> tuple[DistillConfig, dict[str, Any]]:
+    """Split keyword options into the config's fields and the task's; unknown names are an error."""
+    names = {f.name for f in fields(DistillConfig)} - {"setting"}
+    unknown = set(options) - names - set(TASK_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown distillation options {sorted(unknown)}; known: {sorted(names | set(TASK_OPTIONS))}")
+    config = DistillConfig(setting=" ".join(setting.split()), **{k: v for k, v in options.items() if k in names})
+    config.check()
+    return config, {k: v for k, v in options.items() if k in TASK_OPTIONS}
+
+
+def distill_recipe(
+    model: nn.Module,
+    images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    setting: str,
+    *,
+    task: str = "auto",
+    teacher: nn.Module | None = None,
+    world_size: int = 1,
+    **options: Any,
+) -> tuple[dict[str, Any], str]:
+    """The recipe and its fingerprint that :func:`distill` with the same arguments would record, without training.
+
+    ``options`` are :func:`distill`'s keyword arguments that shape training (``epochs``, ``lr``, ``batch_size``,
+    ``trainable``, ``ce_weight``, ...). Scripts use it to reuse a checkpoint only when it was trained this way.
+    """
+    config, task_options = _make_config(setting, options)
+    distill_task = make_task(model, task, **task_options)
+    data = _load_data(images, distill_task, model, config)
+    recipe = _recipe(config, distill_task, data, model, weights_digest(teacher or model), world_size)
+    return recipe, recipe_fingerprint(recipe)
+
+
+def _recipe_changes(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Every difference between two recipes, named (``lr: 1e-05 -> 0.0001``)."""
+    changes = []
+    for part in sorted(set(recorded) | set(wanted)):
+        old, new = recorded.get(part), wanted.get(part)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    name = key if part == "config" else f"{part}.{key}"
+                    changes.append(f"{name}: {old.get(key)!r} -> {new.get(key)!r}")
+        elif old != new:
+            changes.append(f"{part}: {old!r} -> {new!r}")
+    return changes
+
+
+def check_resume(state: dict[str, Any], recipe: dict[str, Any], model: nn.Module) -> None:
+    """Refuse a resume that would change the run's recipe; the message names every changed field."""
+    check_model(state, model, "the resume checkpoint")
+    recorded = state.get("recipe")
+    if recorded is None:
+        raise DistillConfigError(
+            "the resume checkpoint records no recipe (written by an older version): start a new run instead"
+        )
+    changes = _recipe_changes(recorded, recipe)
+    if changes:
+        raise DistillConfigError(
+            "resume must continue the same run; these differ from the checkpoint's recipe: " + "; ".join(changes)
+        )
 
 
 # --------------------------------------------------------------------------- the run
@@ -248,18 +418,21 @@ def distill(
         batch_size, accumulate: images per forward per process, forwards per optimizer step.
         dtype: ``float32``, ``bfloat16`` (autocast, CPU or GPU) or ``float16`` (autocast + GradScaler, GPU only).
         trainable: ``after_reduction`` (default: the blocks from the first reduction on, and later necks and
-            heads), ``all`` or ``norms_biases`` (normalisation parameters and biases after the reduction).
-        clip_grad: gradient-norm clipping (None: off).
+            heads), ``all`` (every parameter the compared output is computed with) or ``norms_biases``
+            (normalisation parameters and biases after the reduction).
+        clip_grad: gradient-norm clipping (None: off). The norm before clipping is in each history record.
         augment: a random horizontal flip of each image (teacher and student see the same flipped image).
         cache: a folder for the teacher's outputs (float16), computed once and reused by later epochs and
             runs; needs ``augment=False``.
         out: checkpoint path written at the end and every ``save_every`` steps (rank 0 only).
-        resume: a checkpoint of an interrupted run with the same setting: weights, optimizer, schedule and
-            position in the data continue from it.
+        resume: a checkpoint of an interrupted run with the same recipe (:func:`distill_recipe`): weights,
+            optimizer, schedule and position in the data continue from it. Any change of recipe is refused.
         evaluate: called with the student (eval mode, no grad) every ``eval_every`` steps and at the end; its
             dict goes to ``result.evaluations``.
-        temperature, ce_weight: classifier loss (labels are never read from the folder: ``ce_weight`` needs
-            a labelled dataset and is for API users who pass one).
+        temperature: the classifier's KL temperature.
+        ce_weight: the classifier's cross-entropy weight beside the KL. Needs labels: ``images`` must be a
+            folder with one sub-folder per class (WordNet-id folders get the ImageNet-1k indices, other names
+            their sorted position) or a ``labels.txt`` of ``file, index`` lines, as for ImageNet evaluation.
         dense_target: dense loss on ``logits`` (default), ``saliency`` or ``features``.
         max_steps: stop after this many optimizer steps (the schedule still spans all epochs).
 
@@ -269,42 +442,36 @@ def distill(
 
     Raises:
         DistillConfigError: impossible settings (bad numbers, float16 on CPU, cache with augmentation,
-            resume of another setting).
+            ``ce_weight`` without labels, a resume that changes the recipe).
+        UntrainedParameterError: a parameter listed as trainable got no gradient on the first step.
         ValueError / TypeError: an empty folder or no readable images, a setting the model cannot run, a
             model distillation does not know.
     """
-    from ..patch import patch
-    from ..sweep import SweepConfigError, parse_setting
-    from .data import ImageFolder, make_loader, set_loader_epoch
-
-    config = DistillConfig(
-        setting=" ".join(setting.split()),
-        epochs=epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup=warmup,
-        min_lr_ratio=min_lr_ratio,
-        batch_size=batch_size,
-        accumulate=accumulate,
-        clip_grad=clip_grad,
-        dtype=dtype,
-        seed=seed,
-        trainable=trainable,
-        augment=augment,
-        workers=workers,
-        shuffle=shuffle,
-        save_every=save_every,
-        eval_every=eval_every,
-        max_images=max_images,
-    )
-    config.check()
-    amp_dtype = parse_dtype(dtype)
+    options = {
+        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
+        "batch_size": batch_size, "accumulate": accumulate, "clip_grad": clip_grad, "dtype": dtype, "seed": seed,
+        "trainable": trainable, "augment": augment, "workers": workers, "shuffle": shuffle,
+        "save_every": save_every, "eval_every": eval_every, "max_images": max_images,
+        "temperature": temperature, "ce_weight": ce_weight, "dense_target": dense_target,
+    }  # fmt: skip
+    config, task_options = _make_config(setting, options)
     device = torch.device(device)
+    _check_request(config, device, cache)
+    distill_task = make_task(model, task, **task_options)
+    run = _Run(model, images, config, distill_task, teacher, device, cache)
+    if resume is not None:
+        run.restore(read_checkpoint(resume))
+    return run.train(out=out, evaluate=evaluate, progress=progress, max_steps=max_steps)
+
+
+def _check_request(config: DistillConfig, device: torch.device, cache: Any) -> None:
+    from ..sweep import SweepConfigError, parse_setting
+
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DistillConfigError("device='cuda' but CUDA is not available here")
-    if dtype == "float16" and device.type != "cuda":
+    if config.dtype == "float16" and device.type != "cuda":
         raise DistillConfigError("dtype='float16' needs a CUDA device (GradScaler); on CPU use bfloat16")
-    if cache is not None and augment:
+    if cache is not None and config.augment:
         raise DistillConfigError("cache needs augment=False: with augmentation every epoch has new targets")
     try:
         variant = parse_setting(config.setting)
@@ -315,191 +482,295 @@ def distill(
             f"setting {config.setting!r}: distillation trains a merged model; give a merging method "
             "(cubist, tome, expedite, pitome, tofu)"
         )
-    from ..patch._swap import patched_family
 
-    distill_task = make_task(model, task, temperature=temperature, ce_weight=ce_weight, dense_target=dense_target)
-    if patched_family(distill_task.merging_module(model)) is not None:
-        raise DistillConfigError(
-            "pass the unmerged model: distill patches its own copy with `setting` (and records it in the checkpoint)"
+
+class _Run:
+    """One distillation run's state: models, data, optimizer, schedule and position; see :func:`distill`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: Any,
+        config: DistillConfig,
+        task: DistillTask,
+        teacher: nn.Module | None,
+        device: torch.device,
+        cache: Any,
+    ) -> None:
+        from ..eval.distributed import init_distributed, resolve_device
+        from ..patch._swap import patched_family
+        from .data import make_loader
+
+        if patched_family(task.merging_module(model)) is not None:
+            raise DistillConfigError(
+                "pass the unmerged model: distill patches its own copy with `setting` "
+                "(and records it in the checkpoint)"
+            )
+        self.model, self.config, self.task = model, config, task
+        env = init_distributed(device)  # under torchrun: one process group for all processes; else nothing
+        self.device = resolve_device(device, env)
+        self.world, self.distributed, self.main = env.world_size, env.distributed, env.is_main
+        self.amp_dtype = parse_dtype(config.dtype)
+
+        _seed_everything(config.seed)
+        self.teacher = (teacher if teacher is not None else copy.deepcopy(model)).to(self.device).eval()
+        self.teacher.requires_grad_(False)
+        self.student = self._build_student()
+        self.data = _load_data(images, task, model, config)
+        self.loader = make_loader(
+            self.data.dataset,
+            config.batch_size,
+            shuffle=config.shuffle,
+            workers=config.workers,
+            seed=config.seed,
+            distributed=self.distributed,
+            drop_last=False,
         )
+        self.batches_per_epoch = len(self.loader)
+        self.total_batches = max(1, math.ceil(config.epochs * self.batches_per_epoch))
+        self.steps_total = _steps_for(self.total_batches, self.batches_per_epoch, config.accumulate)
+        teacher_digest = weights_digest(self.teacher)
+        self.recipe = _recipe(config, task, self.data, model, teacher_digest, self.world)
+        self.targets = TargetCache(cache, teacher_digest, task, config.dtype) if cache is not None else None
+        self.names, self.parameters = self._select_parameters()
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        warmup_steps = int(config.warmup * self.steps_total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, self.steps_total, warmup_steps, config.min_lr_ratio)
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if config.dtype == "float16" else None
+        self.result = DistillResult(
+            student=self.student,
+            config=config,
+            task=task.describe(),
+            trainable=self.names,
+            skipped_images=[(str(p), why) for p, why in self.data.dataset.skipped],
+            recipe=self.recipe,
+            fingerprint=recipe_fingerprint(self.recipe),
+        )
+        self.step, self.batch_done, self.wall_before = 0, 0, 0.0
+        self.gradients_checked = False
 
-    from ..eval.distributed import init_distributed, resolve_device
+    def _build_student(self) -> nn.Module:
+        from ..patch import patch
+        from ..sweep import parse_setting
 
-    env = init_distributed(device)  # under torchrun: one process group for all processes; else nothing
-    device = resolve_device(device, env)
-    world, distributed, main = env.world_size, env.distributed, env.is_main
+        variant = parse_setting(self.config.setting)
+        student = copy.deepcopy(self.model).to(self.device).eval()
+        try:
+            patch(self.task.merging_module(student), variant.method, **variant.options)
+        except (ValueError, TypeError, NotImplementedError) as error:
+            raise type(error)(f"setting {self.config.setting!r} cannot run on this model: {error}") from error
+        return student
 
-    _seed_everything(seed)
-    teacher_model = (teacher if teacher is not None else copy.deepcopy(model)).to(device).eval()
-    teacher_model.requires_grad_(False)
-    student = copy.deepcopy(model).to(device).eval()
-    try:
-        patch(distill_task.merging_module(student), variant.method, **variant.options)
-    except (ValueError, TypeError, NotImplementedError) as error:
-        raise type(error)(f"setting {config.setting!r} cannot run on this model: {error}") from error
+    def _select_parameters(self) -> tuple[list[str], list[nn.Parameter]]:
+        """Which parameters train, decided on the first images before any step; the others are frozen."""
+        dataset = self.data.dataset
+        probe = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(self.device)
 
-    dataset = ImageFolder(images, distill_task.transform(model), augment=augment, seed=seed, max_images=max_images)
-    loader = make_loader(
-        dataset, batch_size, shuffle=shuffle, workers=workers, seed=seed, distributed=distributed, drop_last=False
-    )
-    batches_per_epoch = len(loader)
-    total_batches = max(1, math.ceil(epochs * batches_per_epoch))
-    steps_total = _steps_for(total_batches, batches_per_epoch, accumulate)
-    warmup_steps = int(warmup * steps_total)
+        def run(model: nn.Module) -> torch.Tensor:
+            clear_attention_bias_caches(model)
+            return self.task.outputs(model, probe)
 
-    # Which parameters train: decided on the first images, before any step.
-    probe = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(device)
-    names = select_trainable(student, teacher_model, lambda m: distill_task.outputs(m, probe), trainable)
-    chosen = set(names)
-    for name, parameter in student.named_parameters():
-        parameter.requires_grad_(name in chosen)
-    parameters = [p for n, p in student.named_parameters() if n in chosen]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_total, warmup_steps, min_lr_ratio)
-    )
-    scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
+        names = select_trainable(self.student, self.teacher, run, self.config.trainable)
+        chosen = set(names)
+        for name, parameter in self.student.named_parameters():
+            parameter.requires_grad_(name in chosen)
+        return names, [p for n, p in self.student.named_parameters() if n in chosen]
 
-    result = DistillResult(
-        student=student,
-        config=config,
-        task=distill_task.describe(),
-        trainable=names,
-        skipped_images=[(str(p), why) for p, why in dataset.skipped],
-    )
-    step, batch_done, wall_before = 0, 0, 0.0
-    if resume is not None:
-        state = read_checkpoint(resume)
-        _check_resume(state, config, model)
-        student.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, batch_done = int(state["step"]), int(state["batches"])
-        result.history = list(state.get("history", []))
-        result.images_seen = int(state.get("images_seen", 0))
-        wall_before = float(state.get("wall_s", 0.0))
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue the run a checkpoint stopped, after checking it was made with the same recipe."""
+        check_resume(state, self.recipe, self.model)
+        self.student.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.batch_done = int(state["step"]), int(state["batches"])
+        self.result.history = list(state.get("history", []))
+        self.result.images_seen = int(state.get("images_seen", 0))
+        self.wall_before = float(state.get("wall_s", 0.0))
 
-    objective = _Objective(student, distill_task)
-    runner: nn.Module = objective
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    targets = TargetCache(cache, teacher_model, distill_task, dtype) if cache is not None else None
-
-    def checkpoint_payload() -> dict[str, Any]:
+    def checkpoint_payload(self, wall_s: float) -> dict[str, Any]:
         return {
-            "setting": config.setting,
-            "task": distill_task.describe(),
-            "model": model_signature(model),
-            "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
-            "config": asdict(config),
-            "trainable": names,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "step": step,
-            "batches": batch_done,
-            "steps_total": steps_total,
-            "images_seen": result.images_seen,
-            "history": result.history,
-            "world_size": world,
-            "wall_s": wall_before + time.perf_counter() - start,
+            "setting": self.config.setting,
+            "task": self.task.describe(),
+            "model": model_signature(self.model),
+            "state_dict": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "config": asdict(self.config),
+            "recipe": self.recipe,
+            "fingerprint": recipe_fingerprint(self.recipe),
+            "trainable": self.names,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "step": self.step,
+            "batches": self.batch_done,
+            "steps_total": self.steps_total,
+            "images_seen": self.result.images_seen,
+            "history": self.result.history,
+            "world_size": self.world,
+            "wall_s": wall_s,
         }
 
-    def run_evaluation() -> None:
-        if evaluate is None or not main:
+    def teacher_outputs(self, batch: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        files = [self.data.dataset.paths[int(i)] for i in indices]
+        cached = self.targets.get(files) if self.targets is not None else None
+        if cached is not None:
+            return cached.to(self.device)
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            outputs = self.task.outputs(self.teacher, batch)
+        if self.targets is not None:
+            self.targets.put(files, outputs)
+            # what a later run reads back: a run trains the same whether the cache was warm or cold
+            outputs = outputs.to(torch.float16)
+        return outputs
+
+    def train(
+        self,
+        *,
+        out: str | os.PathLike[str] | None,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None,
+        progress: bool,
+        max_steps: int | None,
+    ) -> DistillResult:
+        from tqdm.auto import tqdm
+
+        from .data import set_loader_epoch
+
+        objective = _Objective(self.student, self.task)
+        runner: nn.Module = objective
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            runner = DistributedDataParallel(objective, device_ids=device_ids)
+        result, config = self.result, self.config
+        bar = tqdm(
+            total=self.steps_total, initial=self.step, desc="distil", unit="step", disable=not (progress and self.main)
+        )
+        start = time.perf_counter()
+        wall = lambda: self.wall_before + time.perf_counter() - start  # noqa: E731 - over every part of a resumed run
+        step_images, step_start, group_loss = 0, time.perf_counter(), 0.0
+        stop = False
+        while self.batch_done < self.total_batches and not stop:
+            epoch, offset = divmod(self.batch_done, self.batches_per_epoch)
+            set_loader_epoch(self.loader, epoch)
+            for position, (batch, indices) in enumerate(self.loader):
+                if position < offset:
+                    continue  # resuming: these batches of the epoch were already trained on
+                if self.batch_done >= self.total_batches:
+                    break
+                group_size, last_of_group = self._group_of(self.batch_done)
+                group_loss += self._backward(runner, batch.to(self.device), indices, group_size, last_of_group)
+                step_images += batch.shape[0] * self.world
+                self.batch_done += 1
+                if not last_of_group:
+                    continue
+                record = self._optimizer_step(group_loss, step_images, step_start)
+                result.images_seen += step_images
+                result.history.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.1f}")
+                bar.update(1)
+                step_images, step_start, group_loss = 0, time.perf_counter(), 0.0
+                if out is not None and config.save_every and self.step % config.save_every == 0 and self.main:
+                    save_checkpoint(out, self.checkpoint_payload(wall()))
+                if config.eval_every and self.step % config.eval_every == 0:
+                    self._evaluate(evaluate)
+                if max_steps is not None and self.step >= max_steps:
+                    stop = True
+                    break
+        bar.close()
+        result.wall_s = wall()
+        clear_attention_bias_caches(self.student)  # the returned student computes its biases from trained weights
+        if evaluate is not None and (not result.evaluations or result.evaluations[-1]["step"] != self.step):
+            self._evaluate(evaluate)
+        if out is not None and self.main:
+            result.checkpoint = save_checkpoint(out, self.checkpoint_payload(result.wall_s))
+        if self.distributed:
+            torch.distributed.barrier()
+        self.student.requires_grad_(True)
+        for parameter in self.student.parameters():
+            parameter.grad = None
+        return result
+
+    def _group_of(self, batch: int) -> tuple[int, bool]:
+        """The size of the accumulation group ``batch`` belongs to, and whether ``batch`` ends it.
+
+        Accumulation groups restart with every epoch, so an epoch's last group may be shorter.
+        """
+        per_epoch, accumulate = self.batches_per_epoch, self.config.accumulate
+        epoch_start = (batch // per_epoch) * per_epoch
+        group_start = epoch_start + ((batch - epoch_start) // accumulate) * accumulate
+        group_size = _group_end(group_start, accumulate, per_epoch, self.total_batches) - group_start
+        return group_size, batch + 1 == group_start + group_size
+
+    def _backward(
+        self, runner: nn.Module, batch: torch.Tensor, indices: torch.Tensor, group_size: int, last_of_group: bool
+    ) -> float:
+        """Forward and backward of one batch; its share of the group's loss."""
+        teacher_out = self.teacher_outputs(batch, indices)
+        labels = self.data.labels[indices].to(self.device) if self.data.labels is not None else None
+        sync = runner.no_sync() if self.distributed and not last_of_group else nullcontext()
+        with sync:
+            with autocast(self.device, self.amp_dtype):
+                student_out = runner(batch)
+            loss = self.task.loss(student_out, teacher_out, labels) / group_size
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return float(loss.detach())
+
+    def _optimizer_step(self, group_loss: float, step_images: int, step_start: float) -> dict[str, float]:
+        if not self.gradients_checked:
+            self._check_gradients()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = _gradient_norm(self.parameters)
+        if self.config.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        record = {
+            "step": self.step,
+            "epoch": self.batch_done / self.batches_per_epoch,
+            "loss": _mean_over_ranks(group_loss, self.distributed),
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_s": step_images / max(1e-9, time.perf_counter() - step_start),
+        }
+        self.scheduler.step()
+        self.step += 1
+        return record
+
+    def _check_gradients(self) -> None:
+        """Every parameter the run reports as trainable must have a gradient after the first backward."""
+        missing = [name for name, p in zip(self.names, self.parameters, strict=True) if p.grad is None]
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise UntrainedParameterError(
+                f"{len(missing)} of the {len(self.names)} parameters selected to train received no gradient "
+                f"from the loss ({shown}): something between them and the compared output is cached or detached. "
+                "Please report it with the model and setting; trainable='norms_biases' or 'after_reduction' may "
+                "avoid it"
+            )
+        self.gradients_checked = True
+
+    def _evaluate(self, evaluate: Callable[[nn.Module], dict[str, float]] | None) -> None:
+        if evaluate is None or not self.main:
             return
+        clear_attention_bias_caches(self.student)
         with torch.no_grad():
-            metrics = evaluate(student)
-        result.evaluations.append({"step": step, **metrics})
+            metrics = evaluate(self.student)
+        self.result.evaluations.append({"step": self.step, **metrics})
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps_total, initial=step, desc="distil", unit="step", disable=not (progress and main))
-    start = time.perf_counter()
-    step_images, step_start, group_loss = 0, time.perf_counter(), 0.0
-    stop = False
-    while batch_done < total_batches and not stop:
-        epoch, offset = divmod(batch_done, batches_per_epoch)
-        set_loader_epoch(loader, epoch)
-        for position, (batch, indices) in enumerate(loader):
-            if position < offset:
-                continue  # resuming: these batches of the epoch were already trained on
-            if batch_done >= total_batches:
-                break
-            batch = batch.to(device)
-            # Accumulation groups restart with every epoch, so an epoch's last group may be shorter.
-            epoch_start = (batch_done // batches_per_epoch) * batches_per_epoch
-            group_start = epoch_start + ((batch_done - epoch_start) // accumulate) * accumulate
-            group_size = _group_end(group_start, accumulate, batches_per_epoch, total_batches) - group_start
-            teacher_out = None
-            files = [dataset.paths[int(i)] for i in indices]
-            if targets is not None:
-                teacher_out = targets.get(files)
-            if teacher_out is None:
-                with torch.no_grad(), autocast(device, amp_dtype):
-                    teacher_out = distill_task.outputs(teacher_model, batch)
-                if targets is not None:
-                    targets.put(files, teacher_out)
-            teacher_out = teacher_out.to(device)
-            last_of_group = batch_done + 1 == group_start + group_size
-            sync = runner.no_sync() if distributed and not last_of_group else nullcontext()
-            with sync:
-                with autocast(device, amp_dtype):
-                    student_out = runner(batch)
-                loss = distill_task.loss(student_out, teacher_out) / group_size
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-            group_loss += float(loss.detach())
-            step_images += batch.shape[0] * world
-            batch_done += 1
-            if not last_of_group:
-                continue
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            record = {
-                "step": step,
-                "epoch": batch_done / batches_per_epoch,
-                "loss": _mean_over_ranks(group_loss, distributed),
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": step_images / max(1e-9, time.perf_counter() - step_start),
-            }
-            scheduler.step()
-            step += 1
-            result.images_seen += step_images
-            result.history.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4g}", img_s=f"{record['images_per_s']:.1f}")
-            bar.update(1)
-            step_images, step_start, group_loss = 0, time.perf_counter(), 0.0
-            if out is not None and save_every and step % save_every == 0 and main:
-                save_checkpoint(out, checkpoint_payload())
-            if eval_every and step % eval_every == 0:
-                run_evaluation()
-            if max_steps is not None and step >= max_steps:
-                stop = True
-                break
-    bar.close()
-    result.wall_s = wall_before + time.perf_counter() - start  # over every part of a resumed run
-    if evaluate is not None and (not result.evaluations or result.evaluations[-1]["step"] != step):
-        run_evaluation()
-    if out is not None and main:
-        result.checkpoint = save_checkpoint(out, checkpoint_payload())
-    if distributed:
-        torch.distributed.barrier()
-    student.requires_grad_(True)
-    for parameter in student.parameters():
-        parameter.grad = None
-    return result
+def _gradient_norm(parameters: Sequence[nn.Parameter]) -> float:
+    """The gradients' total L2 norm (what clipping compares with ``clip_grad``)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
 def _group_end(group_start: int, accumulate: int, batches_per_epoch: int, total_batches: int) -> int:
@@ -522,15 +793,3 @@ def _mean_over_ranks(value: float, distributed: bool) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(tensor)
     return float(tensor.item()) / torch.distributed.get_world_size()
-
-
-def _check_resume(state: dict[str, Any], config: DistillConfig, model: nn.Module) -> None:
-    from .checkpoint import check_model
-
-    check_model(state, model, "the resume checkpoint")
-    recorded = state.get("config", {})
-    fixed = ("setting", "epochs", "batch_size", "accumulate", "seed", "trainable", "shuffle", "max_images", "augment")
-    changed = {k: (recorded.get(k), getattr(config, k)) for k in fixed if recorded.get(k) != getattr(config, k)}
-    if changed:
-        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise DistillConfigError(f"resume must continue the same run; these differ from the checkpoint: {detail}")

@@ -14,7 +14,7 @@ consumes (so the loss is taken there), and how its images are preprocessed.
   consumes and they train the head too, so they are the default (``dense_target="features"`` is the other).
 * ``classifier``: timm classifiers. The logits: KL divergence at a temperature
   (times T^2, so the gradient scale does not depend on T), plus cross-entropy
-  when labels are given and ``ce_weight`` > 0.
+  with ``ce_weight`` > 0 (the images' class labels are then required).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ class DistillTask:
             log_target=True,
             reduction="batchmean",
         ) * (t * t)
-        if labels is not None and self.ce_weight > 0:
+        if self.ce_weight > 0:
+            if labels is None:
+                raise ValueError(f"ce_weight={self.ce_weight:g} needs the images' class labels; none were given")
             loss = loss + self.ce_weight * F.cross_entropy(student, labels)
         return loss
 

@@ -1,12 +1,23 @@
 """Which parameters a distillation trains.
 
-Modules that run before the first reduction see the same inputs in the student
-and the teacher, so by default they stay frozen: training them could only
-move the student away from the teacher where the two already agree. The
-boundary is found by running both models once on a probe batch and comparing
-the inputs every parameter-owning module receives, which works the same for
-every family and method (a reduction at block ``loc``, ToMe's per-block
-schedule, SAM windows, TinyViT stages) without knowing how each patches.
+By default (``after_reduction``) the modules that run before the first
+reduction stay frozen. They do receive a gradient (through the merged tokens)
+and ``trainable="all"`` trains them too; they are frozen by default because
+the backward pass then stops at the reduction (cheaper) and the part of the
+student that computes exactly what the teacher computes stays the teacher's.
+The boundary is found by running both models once on a probe batch and
+comparing the inputs every parameter-owning module receives, which works the
+same for every family and method (a reduction at block ``loc``, ToMe's
+per-block schedule, SAM windows, TinyViT stages) without knowing how each
+patches.
+
+timm caches some attention biases in eval mode (``attention_bias_cache`` of
+TinyViT's and LeViT's attention): a bias expanded once from its parameter
+table and then reused. Under training in eval mode that cache is wrong three
+ways: filled under ``no_grad`` it never trains the table, filled with a graph
+it breaks the second backward, and after an optimizer step it holds the old
+values. :func:`clear_attention_bias_caches` empties it; distillation calls it
+before every student forward and after training.
 """
 
 from __future__ import annotations
@@ -19,6 +30,17 @@ import torch.nn as nn
 TRAINABLE = ("after_reduction", "all", "norms_biases")
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d)
+
+
+def clear_attention_bias_caches(model: nn.Module) -> int:
+    """Empty every ``attention_bias_cache`` dict below ``model`` (timm TinyViT, LeViT, ...); the number emptied."""
+    emptied = 0
+    for module in model.modules():
+        cache = getattr(module, "attention_bias_cache", None)
+        if isinstance(cache, dict) and cache:
+            cache.clear()
+            emptied += 1
+    return emptied
 
 
 def _first_tensor(args: tuple) -> torch.Tensor | None:
@@ -81,6 +103,16 @@ def diverging_modules(student: nn.Module, teacher: nn.Module, run: Callable[[nn.
     return [name for name, count in calls.items() if name in differs or count != len(teacher_inputs.get(name, []))]
 
 
+def _parameters_of_called_modules(model: nn.Module, run: Callable[[nn.Module], object]) -> list[str]:
+    """The parameters of every module that runs when the compared output is computed (a SAM's image encoder,
+    not its mask decoder, for the image embeddings), and the parameters held directly by the modules around them
+    (a ViT's position table and class token, read by a ``forward_features`` called as a method)."""
+    called: set[str] = set()
+    _visit_inputs(model, run, lambda name, _: called.add(name))
+    around = {".".join(name.split(".")[:end]) for name in called for end in range(len(name.split(".")))}
+    return [name for name, _ in model.named_parameters() if name.rpartition(".")[0] in called | around]
+
+
 def _enclosing_block(name: str, containers: set[str]) -> str | None:
     """The innermost ancestor (or the module itself) that is an element of a ModuleList / Sequential, or None.
 
@@ -102,7 +134,7 @@ def select_trainable(
 
     ``after_reduction``: every parameter of the blocks from the first one whose inputs differ, and of every
     later module whose inputs differ (necks, heads). ``norms_biases``: the normalisation weights and biases and
-    every other bias among those. ``all``: every parameter.
+    every other bias among those. ``all``: every parameter of every module the compared output is computed with.
 
     Raises:
         ValueError: unknown ``trainable``, or the setting changes nothing (no module sees a different input).
@@ -111,7 +143,7 @@ def select_trainable(
         raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
     names = [name for name, _ in student.named_parameters()]
     if trainable == "all":
-        return names
+        return _parameters_of_called_modules(student, run)
     diverging = diverging_modules(student, teacher, run)
     if not diverging:
         raise ValueError(

@@ -256,23 +256,6 @@ def test_resume_continues_the_schedule_and_the_data(image_dir, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_teacher_cache_is_written_once_and_read_after(image_dir, tmp_path):
-    model = tiny_vit()
-    cache = tmp_path / "cache"
-    plain = distill(model, image_dir, "tome r=4", epochs=2, lr=1e-3, batch_size=4, progress=False, shuffle=False)
-    cached = distill(
-        model, image_dir, "tome r=4", epochs=2, lr=1e-3, batch_size=4, progress=False, shuffle=False, cache=cache
-    )
-    files = list(cache.rglob("*.pt"))
-    assert len(files) == NUM_IMAGES
-    # float16 targets: the losses agree to float16 precision of the logits.
-    assert [h["loss"] for h in cached.history] == pytest.approx([h["loss"] for h in plain.history], rel=2e-2, abs=1e-5)
-    again = distill(
-        model, image_dir, "tome r=4", epochs=1, lr=1e-3, batch_size=4, progress=False, shuffle=False, cache=cache
-    )
-    assert len(list(cache.rglob("*.pt"))) == NUM_IMAGES and again.history
-
-
 # --------------------------------------------------------------------------- bad input
 
 
@@ -374,3 +357,259 @@ def test_two_torchrun_processes_equal_one_process_with_the_same_global_batch(ima
     for name, value in a["state_dict"].items():
         # float32 sums in another order (gloo's all-reduce of two halves): equal to rounding.
         assert torch.allclose(value, b["state_dict"][name], atol=1e-6, rtol=1e-5), name
+
+
+# --------------------------------------------------------------------------- every listed parameter trains
+
+
+def _tiny_tinyvit_classifier() -> torch.nn.Module:
+    import timm
+
+    from cubistmerge.patch.timm_tinyvit import _attention_blocks
+
+    torch.manual_seed(0)
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=10, depths=(1, 2, 3, 1)).eval()
+    for _, block in _attention_blocks(model):
+        torch.nn.init.normal_(block.attn.attention_biases)
+    return model
+
+
+def _tiny_minisam() -> torch.nn.Module:
+    """MobileSAM's layout (conv stage, windows 7 / 14 / 7, stride-1 last stage, SAM's neck) at 256 px."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    from cubistmerge.models.minisam import MiniSam, MiniSamImageEncoder
+
+    torch.manual_seed(0)
+    encoder = MiniSamImageEncoder(img_size=256, embed_dims=(8, 16, 16, 16), depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2),
+                                  out_chans=32)  # fmt: skip
+    prompt = PromptEncoder(embed_dim=32, image_embedding_size=(16, 16), input_image_size=(256, 256), mask_in_chans=8)
+    decoder = MaskDecoder(transformer_dim=32, transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=32,
+                                                                            num_heads=2))  # fmt: skip
+    model = MiniSam(encoder, prompt, decoder).eval()
+    for name, parameter in model.named_parameters():
+        if name.endswith("attention_biases"):
+            torch.nn.init.normal_(parameter)
+    return model
+
+
+def _tiny_segment_anything() -> torch.nn.Module:
+    from tests.patch.test_sam import _tiny_sam
+
+    return _tiny_sam()
+
+
+def _tiny_img_focus() -> torch.nn.Module:
+    from cubistmerge.models.img_focus import ImgFocus, SaliencyHead
+
+    torch.manual_seed(0)
+    backbone = VisionTransformer(
+        img_size=224, patch_size=14, embed_dim=32, depth=3, num_heads=2, num_classes=0, init_values=0.5
+    )
+    return ImgFocus(backbone, SaliencyHead(in_chans=32, channels=(8, 8, 4))).eval()
+
+
+FAMILIES = {
+    # family: (builder, CubistMerge setting, ToMe setting)
+    "timm_vit": (tiny_vit, "cubist r=2 loc=1", "tome r=4"),
+    "timm_tinyvit": (_tiny_tinyvit_classifier, "cubist r=2 loc=1", "tome r=4"),
+    "minisam": (_tiny_minisam, "cubist r=2 loc=1", "tome r=4"),
+    "segment_anything": (_tiny_segment_anything, "cubist r=1 loc=1", "tome r=4"),
+    "img_focus": (_tiny_img_focus, "cubist r=2 loc=1", "tome r=8"),
+}
+
+
+@pytest.mark.parametrize("trainable", ["after_reduction", "all"])
+@pytest.mark.parametrize("method", ["cubist", "tome"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_parameter_listed_as_trainable_changes_and_no_other(image_dir, family, method, trainable):
+    """Two steps at a large lr: each listed tensor moves, every other stays bit-identical. TinyViT's cached
+    attention biases were the case that broke this (listed, never trained; 'all' failed on its second step)."""
+    build, cubist_setting, tome_setting = FAMILIES[family]
+    model = build()
+    setting = cubist_setting if method == "cubist" else tome_setting
+    result = distill(
+        model, image_dir, setting, epochs=1, lr=1e-3, batch_size=4, warmup=0.0, trainable=trainable, progress=False
+    )
+    assert len(result.history) == 2 and all(h["grad_norm"] > 0 for h in result.history)
+    before, after = dict(model.named_parameters()), dict(result.student.named_parameters())
+    unchanged = [name for name in result.trainable if torch.equal(before[name], after[name])]
+    assert unchanged == []
+    frozen_moved = [n for n in before if n not in set(result.trainable) and not torch.equal(before[n], after[n])]
+    assert frozen_moved == []
+    merged = make_task(model).merging_module(model)
+    prefix = {"minisam": "image_encoder.", "segment_anything": "image_encoder."}.get(family, "")
+    if trainable == "all":
+        if family == "img_focus":
+            assert set(result.trainable) == set(before)  # the backbone and the head
+        else:
+            assert set(result.trainable) == {prefix + n for n, _ in merged.named_parameters()}
+    if family in ("timm_tinyvit", "minisam"):
+        biases = [n for n in result.trainable if n.endswith("attention_biases")]
+        # the blocks from the reduction at loc 1 on (ToMe: from block 0) with their bias tables, all of them
+        blocks = sum(1 for n in before if n.endswith("attention_biases"))
+        assert len(biases) == (blocks if method == "tome" or trainable == "all" else blocks - 1)
+
+
+def test_a_trained_tinyvit_student_computes_with_its_trained_biases(image_dir, tmp_path):
+    """After training, and after loading the checkpoint into a model that ran before, the student's outputs
+    come from its trained bias tables, not from biases cached before training (eval mode keeps a cache)."""
+    model = _tiny_tinyvit_classifier()
+    out = tmp_path / "student.pt"
+    result = distill(model, image_dir, "tome r=4", epochs=1, lr=1e-2, batch_size=4, out=out, progress=False)
+    images = _batch(image_dir, model)[:2]
+    recomputed = copy.deepcopy(result.student)
+    for module in recomputed.modules():
+        if hasattr(module, "attention_bias_cache"):
+            module.attention_bias_cache = {}
+    used = _tiny_tinyvit_classifier()
+    with torch.no_grad():
+        used(images)  # fills its caches with the untrained biases
+        loaded = load_student(used, out)
+        assert torch.equal(result.student(images), recomputed(images))
+        assert torch.equal(loaded(images), recomputed(images))
+
+
+class _DetachedPositions(VisionTransformer):
+    """A ViT whose position table reaches the tokens detached, as a cached bias did."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed.detach()
+
+
+def test_a_listed_parameter_without_gradient_stops_the_run(image_dir):
+    """A cached or detached path makes the run fail at its first step, naming the tensors."""
+    from cubistmerge.train import UntrainedParameterError
+
+    torch.manual_seed(0)
+    model = _DetachedPositions(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10).eval()
+    with pytest.raises(UntrainedParameterError, match="1 of the .* received no gradient .*pos_embed"):
+        distill(model, image_dir, "cubist r=2 loc=1", epochs=1, batch_size=4, trainable="all", progress=False)
+
+
+# --------------------------------------------------------------------------- the recipe holds
+
+
+def test_gradient_clipping_bounds_the_step(image_dir):
+    """AdamW's first step is about lr * sign(gradient) whatever the gradient's size, unless the clipped gradient
+    falls below its epsilon: with clip_grad=1e-12 the weights must barely move; without clipping they move by ~lr."""
+    common = dict(epochs=0.5, lr=1e-3, batch_size=4, warmup=0.0, shuffle=False, progress=False)
+    clipped = distill(tiny_vit(), image_dir, "cubist r=2 loc=1", clip_grad=1e-12, **common)
+    free = distill(tiny_vit(), image_dir, "cubist r=2 loc=1", clip_grad=None, **common)
+    name = "blocks.3.mlp.fc1.weight"
+    start = dict(tiny_vit().named_parameters())[name]
+    moved_clipped = (dict(clipped.student.named_parameters())[name] - start).abs().max()
+    moved_free = (dict(free.student.named_parameters())[name] - start).abs().max()
+    assert moved_free > 5e-4 and moved_clipped < 1e-6, (float(moved_free), float(moved_clipped))
+    assert clipped.history[0]["grad_norm"] == pytest.approx(free.history[0]["grad_norm"], rel=1e-5)
+
+
+def test_a_resume_that_changes_the_recipe_is_refused_naming_every_change(image_dir, tmp_path):
+    part = tmp_path / "part.pt"
+    common = dict(epochs=2, batch_size=2, progress=False)
+    distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-4, out=part, max_steps=1, **common)
+    with pytest.raises(DistillConfigError, match=r"lr: 0\.0001 -> 0\.001"):
+        distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-3, resume=part, **common)
+    with pytest.raises(DistillConfigError, match=r"clip_grad: 1\.0 -> None.*weight_decay: 0\.0 -> 0\.01"):
+        distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-4, clip_grad=None, weight_decay=0.01, resume=part,
+                **common)  # fmt: skip
+    for change, pattern in [
+        (dict(dtype="bfloat16"), "dtype"),
+        (dict(warmup=0.5), "warmup"),
+        (dict(min_lr_ratio=0.1), "min_lr_ratio"),
+        (dict(trainable="all"), "trainable"),
+        (dict(temperature=2.0), "task.temperature"),
+    ]:
+        with pytest.raises(DistillConfigError, match=pattern):
+            distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-4, resume=part, **{**common, **change})
+    with pytest.raises(DistillConfigError, match="teacher"):
+        distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-4, resume=part, teacher=tiny_vit(seed=5), **common)
+    with pytest.raises(DistillConfigError, match="images"):
+        distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-4, resume=part, max_images=4, **common)
+    # what only says how the run is carried out may change
+    resumed = distill(tiny_vit(), image_dir, "cubist r=1 loc=1", lr=1e-4, resume=part, save_every=1, **common)
+    assert len(resumed.history) == 8  # 8 images, batches of 2, 2 epochs
+
+
+def test_the_recipe_fingerprint_is_known_before_training_and_recorded(image_dir, tmp_path):
+    from cubistmerge.train import distill_recipe
+
+    out = tmp_path / "student.pt"
+    result = distill(tiny_vit(), image_dir, "tome r=4", epochs=0.5, lr=1e-4, batch_size=4, out=out, progress=False)
+    recipe, fingerprint = distill_recipe(tiny_vit(), image_dir, "tome r=4", epochs=0.5, lr=1e-4, batch_size=4)
+    assert fingerprint == result.fingerprint == read_checkpoint(out)["fingerprint"]
+    assert recipe == read_checkpoint(out)["recipe"]
+    # workers, save_every and eval_every do not change what trains; everything else does
+    assert distill_recipe(tiny_vit(), image_dir, "tome r=4", epochs=0.5, lr=1e-4, batch_size=4, save_every=3)[1] == (
+        fingerprint
+    )
+    others = [
+        dict(lr=2e-4), dict(epochs=1.0), dict(batch_size=2), dict(clip_grad=None), dict(seed=1), dict(augment=True),
+        dict(trainable="all"), dict(max_images=4), dict(temperature=2.0),
+    ]  # fmt: skip
+    for other in others:
+        options = {**dict(epochs=0.5, lr=1e-4, batch_size=4), **other}
+        assert distill_recipe(tiny_vit(), image_dir, "tome r=4", **options)[1] != fingerprint, other
+    assert distill_recipe(tiny_vit(seed=3), image_dir, "tome r=4", epochs=0.5, lr=1e-4, batch_size=4)[1] != fingerprint
+    with pytest.raises(TypeError, match="unknown distillation options"):
+        distill_recipe(tiny_vit(), image_dir, "tome r=4", learning_rate=1e-4)
+
+
+def test_teacher_outputs_come_from_the_cache_once_written(image_dir, tmp_path):
+    """The second run with the cache never runs the teacher, and trains exactly as the first run did.
+    (trainable='all': the default's probe runs the teacher once on two images to find the reduction.)"""
+    model = tiny_vit()
+    cache = tmp_path / "cache"
+    common = dict(epochs=1, lr=1e-3, batch_size=4, progress=False, shuffle=False, cache=cache, trainable="all")
+    first = distill(model, image_dir, "tome r=4", **common)
+    teacher = copy.deepcopy(model)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    assert len(list(cache.rglob("*.pt"))) == NUM_IMAGES  # one float16 target per image
+    second = distill(model, image_dir, "tome r=4", teacher=teacher, **common)
+    assert calls == []
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in first.history]
+    # and the cached values are what the loss reads: corrupt them and the loss changes
+    for file in cache.rglob("*.pt"):
+        torch.save(torch.zeros_like(torch.load(file, weights_only=True)), file)
+    third = distill(model, image_dir, "tome r=4", teacher=teacher, **common)
+    assert calls == [] and third.history[0]["loss"] != first.history[0]["loss"]
+
+
+# --------------------------------------------------------------------------- labels
+
+
+@pytest.fixture(scope="module")
+def labelled_dir(image_dir, tmp_path_factory) -> Path:
+    """The 8 images in two class folders named like ImageNet's (WordNet ids -> ImageNet-1k indices)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("labelled")
+    for k, image in enumerate(sorted(image_dir.glob("*.png"))):
+        folder = root / ("n01440764" if k % 2 == 0 else "n01443537")  # classes 0 and 1
+        folder.mkdir(exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    return root
+
+
+def test_ce_weight_uses_the_class_labels(labelled_dir, image_dir):
+    common = dict(epochs=1, lr=1e-3, batch_size=4, shuffle=False, warmup=0.0, progress=False)
+    plain = distill(tiny_vit(), labelled_dir, "cubist r=2 loc=1", **common)
+    with_ce = distill(tiny_vit(), labelled_dir, "cubist r=2 loc=1", ce_weight=5.0, **common)
+    assert with_ce.recipe["images"]["labels"].startswith("folders indexed by")
+    # the first loss adds 5 x the cross-entropy of the untrained student on those labels, exactly
+    from cubistmerge.train.data import ImageFolder
+
+    task = make_task(tiny_vit())
+    dataset = ImageFolder(labelled_dir, task.transform(tiny_vit()))
+    images = torch.stack([dataset[i][0] for i in range(4)])
+    labels = torch.tensor([0 if p.parent.name == "n01440764" else 1 for p in dataset.paths[:4]])
+    student = cubistmerge.patch(tiny_vit(), "cubist", r=2, loc=1)
+    with torch.no_grad():
+        ce = float(torch.nn.functional.cross_entropy(student(images), labels))
+    assert with_ce.history[0]["loss"] == pytest.approx(plain.history[0]["loss"] + 5.0 * ce, rel=1e-5)
+    assert not torch.equal(with_ce.student.head.weight, plain.student.head.weight)
+    with pytest.raises(DistillConfigError, match="class labels"):
+        distill(tiny_vit(), image_dir, "cubist r=2 loc=1", ce_weight=5.0, **common)  # no class folders
+    with pytest.raises(DistillConfigError, match="classifier"):
+        distill(_tiny_img_focus(), labelled_dir, "cubist r=2 loc=1", ce_weight=1.0, **common)
