@@ -2,15 +2,15 @@
 
 For each setting the script distils a student from the unmerged model on the assets' 1000 unlabelled
 ``imagenet-sample-images`` (never on the COCO subset, the test set) with ``cubistmerge.train.distill``, writes
-its checkpoint (reused when it already exists with the same training configuration: checkpoints are not
-committed, this script regenerates them), then measures, in one ``run_sweep`` as ``cubistmerge sweep`` does,
-the unmerged model, every setting as merged and every setting's student (``SETTING checkpoint=CKPT``) on the
-COCO subset images: interleaved timing, FLOP ratios, quality. It writes the "after distillation" section of
-BENCHMARKS.md and a before / after plot.
+its checkpoint (named by the setting and the recipe's fingerprint, reused only when its recorded fingerprint
+matches: checkpoints are not committed, this script regenerates them), then measures, in one ``run_sweep`` as
+``cubistmerge sweep`` does, the unmerged model, every setting as merged and every setting's student
+(``SETTING checkpoint=CKPT``) on the COCO subset images: interleaved timing, FLOP ratios, quality. It writes
+the "after distillation" section of BENCHMARKS.md and a before / after plot.
 
-    python scripts/distill_benchmarks.py dense --students /tmp/students --json /tmp/dense_distill.json
-    python scripts/distill_benchmarks.py sam --students /tmp/students --subset all --epochs 1
-    python scripts/distill_benchmarks.py dense --from-json /tmp/dense_distill.json   # render only
+    python scripts/distill_benchmarks.py dense --json scratch/dense_distill.json
+    python scripts/distill_benchmarks.py sam --subset all --epochs 1
+    python scripts/distill_benchmarks.py dense --from-json scratch/dense_distill.json   # render only
     python scripts/distill_benchmarks.py sam --from-json a.json --from-json b.json --json all.json  # runs side by side
 
 Runs made side by side (one per core, each with some of the settings) are rendered as one table by giving
@@ -36,7 +36,7 @@ from make_curves import _task  # noqa: E402
 
 from cubistmerge.assets import assets_dir  # noqa: E402
 from cubistmerge.sweep import SweepResult, run_sweep  # noqa: E402
-from cubistmerge.train import distill, read_checkpoint  # noqa: E402
+from cubistmerge.train import distill, distill_recipe, read_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -71,33 +71,45 @@ def _slug(setting: str) -> str:
     return re.sub(r"[^A-Za-z0-9=.]+", "_", setting).strip("_")
 
 
+def _shown(path: Path) -> str:
+    """A path as results record it: relative to the repository when it is inside it."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def train_students(args: argparse.Namespace, model: torch.nn.Module, settings: list[str]) -> dict[str, Path]:
+    """One student per setting, in a file named by the setting and its recipe's fingerprint.
+
+    A checkpoint is reused only when its recorded fingerprint is the one this command's recipe has and it
+    finished its schedule; one of the same recipe that stopped early is resumed. A student trained another way
+    (another lr, data, teacher, trainable set, ...) has another fingerprint, so it is never taken for this one.
+    """
     images = assets_dir() / "imagenet-sample-images"
     args.students.mkdir(parents=True, exist_ok=True)
+    options = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_images": args.max_train}
     students = {}
     for setting in settings:
-        out = args.students / f"{args.task}_{_slug(setting)}.pt"
-        wanted = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_images": args.max_train}
-        if out.is_file():
-            recorded = read_checkpoint(out)
-            done = recorded["step"] == recorded["steps_total"]
-            if done and all(recorded["config"].get(k) == v for k, v in wanted.items()):
-                print(f"[distill] reusing {out}", file=sys.stderr)
-                students[setting] = out
-                continue
+        _, fingerprint = distill_recipe(model, images, setting, **options)
+        out = args.students / f"{args.task}_{_slug(setting)}_{fingerprint}.pt"
+        recorded = read_checkpoint(out) if out.is_file() else None
+        if recorded is not None and recorded.get("fingerprint") != fingerprint:
+            raise SystemExit(f"{out} holds a student of another recipe ({recorded.get('fingerprint')}); remove it")
+        if recorded is not None and recorded["step"] == recorded["steps_total"]:
+            print(f"[distill] reusing {out} (recipe {fingerprint})", file=sys.stderr)
+            students[setting] = out
+            continue
         print(f"[distill] {setting!r} -> {out}", file=sys.stderr, flush=True)
         distill(
             model,
             images,
             setting,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            max_images=args.max_train,
+            **options,
             cache=args.students / f"{args.task}_teacher_cache",
             out=out,
             save_every=25,
-            resume=out if out.is_file() else None,
+            resume=out if recorded is not None else None,
         )
         students[setting] = out
     return students
@@ -107,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=("sam", "dense"))
     parser.add_argument("--setting", action="append", default=None, help="instead of the built-in settings")
-    parser.add_argument("--students", type=Path, default=Path("/tmp/cubistmerge-students"))
+    parser.add_argument(
+        "--students",
+        type=Path,
+        default=ROOT / "scratch" / "students",
+        help="checkpoints and the teacher cache (default: scratch/students in the repository, not committed)",
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -138,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         for setting, path in students.items():
             recorded = read_checkpoint(path)
             training[setting] = {
-                "checkpoint": str(path),
+                "checkpoint": _shown(path),
+                "fingerprint": recorded.get("fingerprint"),
                 "images_seen": recorded["images_seen"],
                 "steps": recorded["step"],
                 "wall_s": recorded.get("wall_s"),
@@ -146,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 "first_loss": recorded["history"][0]["loss"],
                 "last_loss": recorded["history"][-1]["loss"],
             }
-        swept = [*settings, *(f"{s} checkpoint={students[s]}" for s in settings)]
+        swept = [*settings, *(f"{s} checkpoint={_shown(students[s])}" for s in settings)]
         result = run_sweep(
             task,
             model,
