@@ -74,6 +74,27 @@ def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
             help="cross-entropy weight beside the KL; needs labelled --images (one sub-folder per class, or a "
             "'file, index' labels.txt) (default: %(default)s)",
         )
+    if target == "sam":
+        method.add_argument(
+            "--exclude-padding",
+            action="store_true",
+            help="embedding MSE over the cells covering the image only, not SAM's zero padding",
+        )
+        method.add_argument(
+            "--decoder-weight",
+            type=float,
+            default=0.0,
+            help="add this times the frozen mask decoder's mask-logit + IoU MSE for label-free prompts "
+            "(default: %(default)s, off)",
+        )
+        method.add_argument(
+            "--prompt-grid",
+            type=_positive_int,
+            default=4,
+            metavar="N",
+            help="the decoder loss's prompts: an N x N grid of points and the teacher's mask boxes for them "
+            "(default: %(default)s)",
+        )
     if target == "dense":
         method.add_argument(
             "--dense-target",
@@ -158,6 +179,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             save_every=args.save_every,
             temperature=getattr(args, "temperature", 1.0),
             ce_weight=getattr(args, "ce_weight", 0.0),
+            exclude_padding=getattr(args, "exclude_padding", False),
+            decoder_weight=getattr(args, "decoder_weight", 0.0),
+            prompt_grid=getattr(args, "prompt_grid", 4),
             dense_target=getattr(args, "dense_target", "logits"),
             progress=progress,
             max_steps=args.max_steps,

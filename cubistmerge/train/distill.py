@@ -48,7 +48,7 @@ from .trainable import clear_attention_bias_caches, select_trainable
 DTYPES = ("float32", "bfloat16", "float16")
 # Config fields that say how a run is carried out, not what it trains: they may change on resume.
 OPERATIONAL_FIELDS = ("workers", "save_every", "eval_every")
-TASK_OPTIONS = ("temperature", "ce_weight", "dense_target")
+TASK_OPTIONS = ("temperature", "ce_weight", "dense_target", "exclude_padding", "decoder_weight", "prompt_grid")
 
 
 class DistillConfigError(ValueError):
@@ -178,7 +178,9 @@ class TargetCache:
     """
 
     def __init__(self, root: str | os.PathLike[str], teacher_digest: str, task: DistillTask, dtype: str) -> None:
-        key = hashlib.sha256(repr((teacher_digest, task.describe(), dtype)).encode()).hexdigest()[:16]
+        # what the teacher's outputs depend on (not the loss's options, which only change how they are compared)
+        output = (task.name, task.dense_target if task.name == "dense" else None)
+        key = hashlib.sha256(repr((teacher_digest, output, dtype)).encode()).hexdigest()[:16]
         self.folder = Path(root) / key
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -393,6 +395,9 @@ def distill(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     dense_target: str = "logits",
+    exclude_padding: bool = False,
+    decoder_weight: float = 0.0,
+    prompt_grid: int = 4,
     progress: bool = True,
     max_steps: int | None = None,
 ) -> DistillResult:
@@ -434,6 +439,10 @@ def distill(
             folder with one sub-folder per class (WordNet-id folders get the ImageNet-1k indices, other names
             their sorted position) or a ``labels.txt`` of ``file, index`` lines, as for ImageNet evaluation.
         dense_target: dense loss on ``logits`` (default), ``saliency`` or ``features``.
+        exclude_padding: SAM: the embedding MSE over the cells covering the image only (not its zero padding).
+        decoder_weight, prompt_grid: SAM: add ``decoder_weight`` times the frozen mask decoder's mask-logit and
+            IoU MSE for a ``prompt_grid`` x ``prompt_grid`` grid of points and the boxes of the teacher's masks
+            for them (:mod:`cubistmerge.train.sam_prompts`).
         max_steps: stop after this many optimizer steps (the schedule still spans all epochs).
 
     Under ``torchrun`` (``torch.distributed`` initialised) the student is wrapped in
@@ -453,6 +462,7 @@ def distill(
         "trainable": trainable, "augment": augment, "workers": workers, "shuffle": shuffle,
         "save_every": save_every, "eval_every": eval_every, "max_images": max_images,
         "temperature": temperature, "ce_weight": ce_weight, "dense_target": dense_target,
+        "exclude_padding": exclude_padding, "decoder_weight": decoder_weight, "prompt_grid": prompt_grid,
     }  # fmt: skip
     config, task_options = _make_config(setting, options)
     device = torch.device(device)
@@ -715,7 +725,7 @@ class _Run:
         with sync:
             with autocast(self.device, self.amp_dtype):
                 student_out = runner(batch)
-            loss = self.task.loss(student_out, teacher_out, labels) / group_size
+            loss = self.task.loss(student_out, teacher_out, labels, model=self.student, images=batch) / group_size
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return float(loss.detach())
 
