@@ -231,10 +231,10 @@ class _Data:
     digest: str
 
 
-def _labelled_paths(images: Any, task: DistillTask) -> tuple[list[Path] | None, dict[Path, int], str | None]:
-    """The image files and their class labels when the loss uses labels (``ce_weight`` > 0), else none."""
+def _labelled_paths(images: Any, task: DistillTask) -> tuple[dict[Path, int] | None, str | None]:
+    """Each image file's class label and where the labels came from when the loss uses them (``ce_weight`` > 0)."""
     if task.ce_weight <= 0:
-        return None, {}, None
+        return None, None
     if task.name != "classifier":
         raise DistillConfigError(f"ce_weight is a classifier loss; task {task.name!r} has no class labels")
     if not isinstance(images, str | os.PathLike):
@@ -249,7 +249,7 @@ def _labelled_paths(images: Any, task: DistillTask) -> tuple[list[Path] | None, 
     except (FileNotFoundError, ValueError) as error:
         raise DistillConfigError(f"ce_weight > 0 needs class labels for the images, but: {error}") from None
     labels = {Path(path): int(target) for path, target in zip(labelled.paths, labelled.targets, strict=True)}
-    return list(labels), labels, labelled.label_source
+    return labels, labelled.label_source
 
 
 def _images_digest(paths: Sequence[Path], root: Path, labels: torch.Tensor | None) -> str:
@@ -263,16 +263,16 @@ def _images_digest(paths: Sequence[Path], root: Path, labels: torch.Tensor | Non
 def _load_data(images: Any, task: DistillTask, model: nn.Module, config: DistillConfig) -> _Data:
     from .data import ImageFolder
 
-    listed, labels_by_path, label_source = _labelled_paths(images, task)
+    labels_by_path, label_source = _labelled_paths(images, task)
     dataset = ImageFolder(
-        listed if listed is not None else images,
+        list(labels_by_path) if labels_by_path is not None else images,
         task.transform(model),
         augment=config.augment,
         seed=config.seed,
         max_images=config.max_images,
     )
     labels = None
-    if listed is not None:
+    if labels_by_path is not None:
         labels = torch.tensor([labels_by_path[Path(p)] for p in dataset.paths], dtype=torch.long)
     if isinstance(images, str | os.PathLike):
         root = Path(images)
@@ -282,8 +282,19 @@ def _load_data(images: Any, task: DistillTask, model: nn.Module, config: Distill
     return _Data(dataset, labels, label_source, digest)
 
 
+def _start_digests(model: nn.Module, teacher: nn.Module | None) -> tuple[str, str]:
+    """Digests of the starting weights and of the teacher's (the same weights when the teacher is the model's copy)."""
+    start = weights_digest(model)
+    return start, (start if teacher is None else weights_digest(teacher))
+
+
 def _recipe(
-    config: DistillConfig, task: DistillTask, data: _Data, model: nn.Module, teacher_digest: str, world_size: int
+    config: DistillConfig,
+    task: DistillTask,
+    data: _Data,
+    model: nn.Module,
+    digests: tuple[str, str],
+    world_size: int,
 ) -> dict[str, Any]:
     trained = {k: v for k, v in asdict(config).items() if k not in OPERATIONAL_FIELDS}
     return {
@@ -291,8 +302,8 @@ def _recipe(
         "task": task.describe(),
         "world_size": world_size,
         "images": {"count": len(data.dataset), "digest": data.digest, "labels": data.label_source},
-        "student_start": weights_digest(model),
-        "teacher": teacher_digest,
+        "student_start": digests[0],
+        "teacher": digests[1],
         "model": model_signature(model)["digest"],
     }
 
@@ -326,7 +337,7 @@ def distill_recipe(
     config, task_options = _make_config(setting, options)
     distill_task = make_task(model, task, **task_options)
     data = _load_data(images, distill_task, model, config)
-    recipe = _recipe(config, distill_task, data, model, weights_digest(teacher or model), world_size)
+    recipe = _recipe(config, distill_task, data, model, _start_digests(model, teacher), world_size)
     return recipe, recipe_fingerprint(recipe)
 
 
@@ -466,15 +477,16 @@ def distill(
     }  # fmt: skip
     config, task_options = _make_config(setting, options)
     device = torch.device(device)
-    _check_request(config, device, cache)
+    variant = _check_request(config, device, cache)
     distill_task = make_task(model, task, **task_options)
-    run = _Run(model, images, config, distill_task, teacher, device, cache)
+    run = _Run(model, images, config, variant, distill_task, teacher, device, cache)
     if resume is not None:
         run.restore(read_checkpoint(resume))
     return run.train(out=out, evaluate=evaluate, progress=progress, max_steps=max_steps)
 
 
-def _check_request(config: DistillConfig, device: torch.device, cache: Any) -> None:
+def _check_request(config: DistillConfig, device: torch.device, cache: Any) -> Any:
+    """Refuse what cannot run before any model is copied; the parsed setting."""
     from ..sweep import SweepConfigError, parse_setting
 
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -492,6 +504,7 @@ def _check_request(config: DistillConfig, device: torch.device, cache: Any) -> N
             f"setting {config.setting!r}: distillation trains a merged model; give a merging method "
             "(cubist, tome, expedite, pitome, tofu)"
         )
+    return variant
 
 
 class _Run:
@@ -502,6 +515,7 @@ class _Run:
         model: nn.Module,
         images: Any,
         config: DistillConfig,
+        variant: Any,
         task: DistillTask,
         teacher: nn.Module | None,
         device: torch.device,
@@ -525,7 +539,7 @@ class _Run:
         _seed_everything(config.seed)
         self.teacher = (teacher if teacher is not None else copy.deepcopy(model)).to(self.device).eval()
         self.teacher.requires_grad_(False)
-        self.student = self._build_student()
+        self.student = self._build_student(variant)
         self.data = _load_data(images, task, model, config)
         self.loader = make_loader(
             self.data.dataset,
@@ -539,9 +553,9 @@ class _Run:
         self.batches_per_epoch = len(self.loader)
         self.total_batches = max(1, math.ceil(config.epochs * self.batches_per_epoch))
         self.steps_total = _steps_for(self.total_batches, self.batches_per_epoch, config.accumulate)
-        teacher_digest = weights_digest(self.teacher)
-        self.recipe = _recipe(config, task, self.data, model, teacher_digest, self.world)
-        self.targets = TargetCache(cache, teacher_digest, task, config.dtype) if cache is not None else None
+        digests = _start_digests(model, teacher)
+        self.recipe = _recipe(config, task, self.data, model, digests, self.world)
+        self.targets = TargetCache(cache, digests[1], task, config.dtype) if cache is not None else None
         self.names, self.parameters = self._select_parameters()
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         warmup_steps = int(config.warmup * self.steps_total)
@@ -561,11 +575,9 @@ class _Run:
         self.step, self.batch_done, self.wall_before = 0, 0, 0.0
         self.gradients_checked = False
 
-    def _build_student(self) -> nn.Module:
+    def _build_student(self, variant: Any) -> nn.Module:
         from ..patch import patch
-        from ..sweep import parse_setting
 
-        variant = parse_setting(self.config.setting)
         student = copy.deepcopy(self.model).to(self.device).eval()
         try:
             patch(self.task.merging_module(student), variant.method, **variant.options)
@@ -609,7 +621,7 @@ class _Run:
             "state_dict": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
             "config": asdict(self.config),
             "recipe": self.recipe,
-            "fingerprint": recipe_fingerprint(self.recipe),
+            "fingerprint": self.result.fingerprint,
             "trainable": self.names,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

@@ -98,17 +98,6 @@ def mask_boxes(logits: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.
     return boxes, found
 
 
-def decoder_prompts(
-    sam: nn.Module, teacher_embedding: torch.Tensor, height: int, width: int, side: int, input_size: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The prompts for one image: the grid points, and the boxes of the teacher's masks for them (if any)."""
-    points = grid_points(height, width, side).to(teacher_embedding.device)
-    with torch.no_grad():
-        logits, _ = decode(sam, teacher_embedding, points=points)
-        boxes, found = mask_boxes(logits, input_size / logits.shape[-1])
-    return points, (boxes[found] if bool(found.any()) else None)
-
-
 def decoder_loss(
     sam: nn.Module, student: torch.Tensor, teacher: torch.Tensor, images: torch.Tensor, side: int
 ) -> torch.Tensor:
@@ -121,13 +110,16 @@ def decoder_loss(
     losses = []
     for index, (height, width) in enumerate(valid_extent(images)):
         s, t = student[index : index + 1].float(), teacher[index : index + 1].float()
-        points, boxes = decoder_prompts(sam, t, height, width, side, size)
-        for name, prompts in (("points", points), ("boxes", boxes)):
-            if prompts is None:
-                continue
-            s_logits, s_iou = decode(sam, s, **{name: prompts})
-            with torch.no_grad():
-                t_logits, t_iou = decode(sam, t, **{name: prompts})
+        points = grid_points(height, width, side).to(t.device)
+        with torch.no_grad():
+            # the teacher's masks for the points, and for the boxes around them (the second kind of prompt)
+            point_targets = decode(sam, t, points=points)
+            boxes, found = mask_boxes(point_targets[0], size / point_targets[0].shape[-1])
+            prompts = [("points", points, point_targets)]
+            if bool(found.any()):
+                prompts.append(("boxes", boxes[found], decode(sam, t, boxes=boxes[found])))
+        for name, prompt, (t_logits, t_iou) in prompts:
+            s_logits, s_iou = decode(sam, s, **{name: prompt})
             rows = _cells(height, size, s_logits.shape[-2])
             cols = _cells(width, size, s_logits.shape[-1])
             mask_term = F.mse_loss(s_logits[..., :rows, :cols], t_logits[..., :rows, :cols])
