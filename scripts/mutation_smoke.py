@@ -263,8 +263,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "distill: accumulated losses not divided by the group size",
         "cubistmerge/train/distill.py",
-        "loss = self.task.loss(student_out, teacher_out, labels) / group_size",
-        "loss = self.task.loss(student_out, teacher_out, labels)",
+        "loss = self.task.loss(student_out, teacher_out, labels, model=self.student, images=batch) / group_size",
+        "loss = self.task.loss(student_out, teacher_out, labels, model=self.student, images=batch)",
         ("tests/train/test_distill.py",),
     ),
     Mutation(
