@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_benchmarks import note_paragraphs, write_section  # noqa: E402
+from make_benchmarks import note_paragraphs, write_output, write_section  # noqa: E402
 from make_curves import _task  # noqa: E402
 
 from cubistmerge.assets import assets_dir  # noqa: E402
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         result, training, notes = join_runs(payloads, order=SETTINGS[args.task])
         if args.json:
             joined = {"sweep": result.to_dict(), "training": training, **({"notes": notes} if notes else {})}
-            args.json.write_text(json.dumps(joined, indent=1) + "\n")
+            write_output(args.json, json.dumps(joined, indent=1) + "\n")
     else:
         notes = None
         torch.set_num_threads(args.threads)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             command=shlex.join(["python", *sys.argv]),
         )
         if args.json:
-            args.json.write_text(json.dumps({"sweep": result.to_dict(), "training": training}, indent=1) + "\n")
+            write_output(args.json, json.dumps({"sweep": result.to_dict(), "training": training}, indent=1) + "\n")
     plot = ROOT / PLOTS[args.task]
     plot.parent.mkdir(parents=True, exist_ok=True)
     result.plot(plot, title=f"{TITLES[args.task]} — {result.setup.get('data', '')}")

@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     report["command"] = " ".join(["python", *sys.argv])
     print(json.dumps(report["rank"], indent=1))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_benchmarks import write_output
+
+        write_output(args.json, json.dumps(report, indent=1) + "\n")
     write(args.task, report, args.output)
     return 0
 

@@ -246,6 +246,12 @@ def note_paragraphs(notes: list[str] | None) -> list[str]:
     return lines
 
 
+def write_output(path: Path, text: str) -> None:
+    """Write a result file, creating its folder (outputs go under the repository's ignored scratch/ folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
 def write_section(path: Path, key: str, body: str) -> None:
     """Replace (or append) the section ``key`` of ``path``, keeping the other sections."""
     sections: dict[str, str] = {}
@@ -256,7 +262,7 @@ def write_section(path: Path, key: str, body: str) -> None:
     parts = [INTRO]
     for name, text in sections.items():
         parts += ["", SECTION_START.format(key=name), text.rstrip("\n"), SECTION_END.format(key=name)]
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_output(path, "\n".join(parts) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     write_section(args.output, key, body)
     print(f"[make_benchmarks] wrote section {key!r} of {args.output} ({elapsed / 60:.1f} min)", file=sys.stderr)
     if args.json is not None:
-        args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n", encoding="utf-8")
+        write_output(args.json, json.dumps([r.to_dict() for r in results], indent=2) + "\n")
     return 0
 
 

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="file with the sections")
     args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_benchmarks import write_output, write_section
 
     if args.from_json:
         result = SweepResult.from_dict(json.loads(args.from_json.read_text()))
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             command=shlex.join(["python", *sys.argv]),
         )
         if args.json:
-            args.json.write_text(result.to_json() + "\n")
+            write_output(args.json, result.to_json() + "\n")
     plot = ROOT / PLOTS[args.task]
     plot.parent.mkdir(parents=True, exist_ok=True)
     title = f"{TITLES[args.task]} — {result.setup.get('data', '')}"
@@ -163,9 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     result.plot(plot, title=title, ylim=ylim)
     table = render(args.task, result, plot.relative_to(ROOT))
     print(table)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_benchmarks import write_section
-
     write_section(args.output, SECTIONS[args.task], table)
     return 0
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_benchmarks import note_paragraphs, write_section  # noqa: E402
+from make_benchmarks import note_paragraphs, write_output, write_section  # noqa: E402
 from make_curves import _task  # noqa: E402
 
 from cubistmerge.assets import assets_dir  # noqa: E402
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     compare(report, curves, args.curves)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_output(args.json, json.dumps(report, indent=1) + "\n")
     write(report, args.output)
     return 0
 

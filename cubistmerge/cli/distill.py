@@ -32,9 +32,9 @@ checkpoint holds the model's own state_dict keys and the setting: evaluate it wi
 
 EPILOG = """\
 examples:
-  cubistmerge distill dense --setting "cubist r=2 loc=1" --epochs 2 --cache /tmp/focus-targets --out focus.pt
+  cubistmerge distill dense --setting "cubist r=2 loc=1" --epochs 2 --cache scratch/focus-targets --out focus.pt
   cubistmerge sweep dense --setting "cubist r=2 loc=1" --setting "cubist r=2 loc=1 checkpoint=focus.pt"
-  cubistmerge distill sam --setting "cubist r=2 loc=2 metric=l2" --epochs 1 --cache /tmp/sam-targets --out sam.pt
+  cubistmerge distill sam --setting "cubist r=2 loc=2 metric=l2" --epochs 1 --cache scratch/sam-targets --out sam.pt
   cubistmerge distill imagenet --model deit_small_patch16_224 --pretrained --setting "tome r=8" --out deit.pt
   torchrun --nproc_per_node 2 -m cubistmerge distill dense --setting "cubist r=2 loc=1" --out focus.pt
 The default images are the assets' imagenet-sample-images (never the COCO subset: it is the test set)."""
