@@ -118,11 +118,18 @@ def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
     )
     training.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip, 0: off (default: 1.0)")
     training.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    training.add_argument("--augment", action="store_true", help="random horizontal flips (no --cache then)")
+    training.add_argument("--augment", action="store_true", help="random horizontal flips")
     training.add_argument(
         "--workers", type=_non_negative_int, default=0, metavar="N", help="DataLoader processes (default: 0)"
     )
     training.add_argument("--cache", default=None, metavar="DIR", help="keep the teacher's outputs here (float16)")
+    training.add_argument(
+        "--prefix-cache-gb",
+        type=float,
+        default=8.0,
+        metavar="GB",
+        help="memory for the frozen part's outputs, computed once per image; 0: off (default: %(default)s)",
+    )
     training.add_argument("--max-steps", type=_positive_int, default=None, metavar="N", help="stop after N steps")
     setup = parser.add_argument_group("setup")
     _add_device_arguments(setup)
@@ -174,6 +181,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             workers=args.workers,
             max_images=args.max_images,
             cache=args.cache,
+            prefix_cache_gb=args.prefix_cache_gb,
             out=args.out,
             resume=args.resume,
             save_every=args.save_every,
@@ -208,6 +216,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequenc
             "threads": torch.get_num_threads(),
             "trainable": result.trainable,
             "skipped_images": result.skipped_images,
+            "frozen_prefix": result.frozen_prefix,
             "history": result.history,
         }
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -42,12 +42,14 @@ import torch.nn as nn
 
 from .._runtime import autocast, parse_dtype
 from .checkpoint import check_model, model_signature, read_checkpoint, save_checkpoint
+from .prefix import FrozenPrefix, find_frozen_prefix
 from .tasks import DistillTask, make_task
 from .trainable import clear_attention_bias_caches, select_trainable
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Config fields that say how a run is carried out, not what it trains: they may change on resume.
-OPERATIONAL_FIELDS = ("workers", "save_every", "eval_every")
+# how a run is carried out, not what it trains: left out of the recipe and its fingerprint
+OPERATIONAL_FIELDS = ("workers", "save_every", "eval_every", "prefix_cache_gb")
 TASK_OPTIONS = ("temperature", "ce_weight", "dense_target", "exclude_padding", "decoder_weight", "prompt_grid")
 
 
@@ -90,6 +92,7 @@ class DistillConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     eval_every: int = 0  # optimizer steps between evaluation callbacks; 0: only at the end (if any)
     max_images: int | None = None
+    prefix_cache_gb: float = 8.0  # memory for the frozen prefix's outputs (cubistmerge.train.prefix); 0: off
 
     def check(self) -> None:
         positive = {"batch_size": self.batch_size, "accumulate": self.accumulate}
@@ -108,6 +111,8 @@ class DistillConfig:
             raise DistillConfigError(f"clip_grad must be > 0 or None, got {self.clip_grad}")
         if self.dtype not in DTYPES:
             raise DistillConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not self.prefix_cache_gb >= 0:
+            raise DistillConfigError(f"prefix_cache_gb must be >= 0 (0: off), got {self.prefix_cache_gb}")
         if self.save_every < 0 or self.eval_every < 0:
             raise DistillConfigError("save_every and eval_every are step counts >= 0")
 
@@ -128,6 +133,7 @@ class DistillResult:
     skipped_images: list[tuple[str, str]] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    frozen_prefix: dict[str, Any] = field(default_factory=dict)  # what was skipped per step, or why nothing
 
     def summary(self) -> str:
         last = self.history[-1]["loss"] if self.history else float("nan")
@@ -173,8 +179,8 @@ def recipe_fingerprint(recipe: dict[str, Any]) -> str:
 class TargetCache:
     """The teacher's outputs on disk, one float16 file per image, under a key of the teacher, the task and dtype.
 
-    Valid only without augmentation (each image has one target). A file is keyed by the image's path, size and
-    modification time, so an edited image is recomputed.
+    A file is keyed by the image's path, size and modification time (an edited image is recomputed) and by
+    whether it was flipped (``augment``: an image has one target per side).
     """
 
     def __init__(self, root: str | os.PathLike[str], teacher_digest: str, task: DistillTask, dtype: str) -> None:
@@ -184,20 +190,21 @@ class TargetCache:
         self.folder = Path(root) / key
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def _file(self, image: Path) -> Path:
+    def _file(self, image: Path, flipped: bool) -> Path:
         stat = image.stat()
-        name = hashlib.sha256(f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-        return self.folder / f"{name}.pt"
+        side = "|flipped" if flipped else ""  # nothing added unflipped: caches written before flips stay valid
+        key = f"{image.resolve()}|{stat.st_size}|{stat.st_mtime_ns}{side}"
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pt"
 
-    def get(self, images: Sequence[Path]) -> torch.Tensor | None:
-        files = [self._file(p) for p in images]
+    def get(self, images: Sequence[Path], flipped: Sequence[bool]) -> torch.Tensor | None:
+        files = [self._file(p, f) for p, f in zip(images, flipped, strict=True)]
         if not all(f.is_file() for f in files):
             return None
         return torch.stack([torch.load(f, map_location="cpu", weights_only=True) for f in files])
 
-    def put(self, images: Sequence[Path], targets: torch.Tensor) -> None:
-        for image, target in zip(images, targets, strict=True):
-            file = self._file(image)
+    def put(self, images: Sequence[Path], flipped: Sequence[bool], targets: torch.Tensor) -> None:
+        for image, side, target in zip(images, flipped, targets, strict=True):
+            file = self._file(image, side)
             partial = file.with_name(file.name + ".partial")
             torch.save(target.detach().to("cpu", torch.float16).clone(), partial)
             os.replace(partial, file)
@@ -397,6 +404,7 @@ def distill(
     workers: int = 0,
     shuffle: bool = True,
     max_images: int | None = None,
+    prefix_cache_gb: float = 8.0,
     cache: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: str | os.PathLike[str] | None = None,
@@ -436,10 +444,13 @@ def distill(
         trainable: ``after_reduction`` (default: the blocks from the first reduction on, and later necks and
             heads), ``all`` (every parameter the compared output is computed with) or ``norms_biases``
             (normalisation parameters and biases after the reduction).
+        prefix_cache_gb: memory for the output of the frozen modules before the first trained block, kept per
+            image (and flip) the first time it is seen so later epochs skip them (:mod:`cubistmerge.train.prefix`;
+            used only where skipping them gives the same output, see ``result.frozen_prefix``); 0 turns it off.
         clip_grad: gradient-norm clipping (None: off). The norm before clipping is in each history record.
         augment: a random horizontal flip of each image (teacher and student see the same flipped image).
-        cache: a folder for the teacher's outputs (float16), computed once and reused by later epochs and
-            runs; needs ``augment=False``.
+        cache: a folder for the teacher's outputs (float16), computed once per image (and side, with
+            ``augment``) and reused by later epochs and runs.
         out: checkpoint path written at the end and every ``save_every`` steps (rank 0 only).
         resume: a checkpoint of an interrupted run with the same recipe (:func:`distill_recipe`): weights,
             optimizer, schedule and position in the data continue from it. Any change of recipe is refused.
@@ -461,7 +472,7 @@ def distill(
     rank 0 logs, evaluates and writes.
 
     Raises:
-        DistillConfigError: impossible settings (bad numbers, float16 on CPU, cache with augmentation,
+        DistillConfigError: impossible settings (bad numbers, float16 on CPU,
             ``ce_weight`` without labels, a resume that changes the recipe).
         UntrainedParameterError: a parameter listed as trainable got no gradient on the first step.
         ValueError / TypeError: an empty folder or no readable images, a setting the model cannot run, a
@@ -472,6 +483,7 @@ def distill(
         "batch_size": batch_size, "accumulate": accumulate, "clip_grad": clip_grad, "dtype": dtype, "seed": seed,
         "trainable": trainable, "augment": augment, "workers": workers, "shuffle": shuffle,
         "save_every": save_every, "eval_every": eval_every, "max_images": max_images,
+        "prefix_cache_gb": prefix_cache_gb,
         "temperature": temperature, "ce_weight": ce_weight, "dense_target": dense_target,
         "exclude_padding": exclude_padding, "decoder_weight": decoder_weight, "prompt_grid": prompt_grid,
     }  # fmt: skip
@@ -493,8 +505,6 @@ def _check_request(config: DistillConfig, device: torch.device, cache: Any) -> A
         raise DistillConfigError("device='cuda' but CUDA is not available here")
     if config.dtype == "float16" and device.type != "cuda":
         raise DistillConfigError("dtype='float16' needs a CUDA device (GradScaler); on CPU use bfloat16")
-    if cache is not None and config.augment:
-        raise DistillConfigError("cache needs augment=False: with augmentation every epoch has new targets")
     try:
         variant = parse_setting(config.setting)
     except SweepConfigError as error:
@@ -572,6 +582,7 @@ class _Run:
             recipe=self.recipe,
             fingerprint=recipe_fingerprint(self.recipe),
         )
+        self.prefix = self._find_prefix()
         self.step, self.batch_done, self.wall_before = 0, 0, 0.0
         self.gradients_checked = False
 
@@ -587,8 +598,7 @@ class _Run:
 
     def _select_parameters(self) -> tuple[list[str], list[nn.Parameter]]:
         """Which parameters train, decided on the first images before any step; the others are frozen."""
-        dataset = self.data.dataset
-        probe = torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(self.device)
+        probe = self._probe()
 
         def run(model: nn.Module) -> torch.Tensor:
             clear_attention_bias_caches(model)
@@ -599,6 +609,29 @@ class _Run:
         for name, parameter in self.student.named_parameters():
             parameter.requires_grad_(name in chosen)
         return names, [p for n, p in self.student.named_parameters() if n in chosen]
+
+    def _probe(self) -> torch.Tensor:
+        dataset = self.data.dataset
+        return torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(self.device)
+
+    def _find_prefix(self) -> FrozenPrefix | None:
+        """The frozen modules before the first trained block, skipped once their output is kept, or None."""
+        if self.config.prefix_cache_gb == 0:
+            self.result.frozen_prefix = {"off": "prefix_cache_gb=0"}
+            return None
+        probe = self._probe()
+
+        def run() -> torch.Tensor:
+            clear_attention_bias_caches(self.student)
+            with autocast(self.device, self.amp_dtype):
+                return self.task.outputs(self.student, probe)
+
+        found = find_frozen_prefix(self.student, run, max_bytes=int(self.config.prefix_cache_gb * 2**30))
+        if isinstance(found, str):
+            self.result.frozen_prefix = {"off": found}
+            return None
+        self.result.frozen_prefix = {"boundary": found.boundary, "kept": found.kept, "skipped": found.skipped}
+        return found
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue the run a checkpoint stopped, after checking it was made with the same recipe."""
@@ -636,14 +669,16 @@ class _Run:
         }
 
     def teacher_outputs(self, batch: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        files = [self.data.dataset.paths[int(i)] for i in indices]
-        cached = self.targets.get(files) if self.targets is not None else None
+        dataset = self.data.dataset
+        files = [dataset.paths[int(i)] for i in indices]
+        flipped = [dataset.flips(int(i)) for i in indices]
+        cached = self.targets.get(files, flipped) if self.targets is not None else None
         if cached is not None:
             return cached.to(self.device)
         with torch.no_grad(), autocast(self.device, self.amp_dtype):
             outputs = self.task.outputs(self.teacher, batch)
         if self.targets is not None:
-            self.targets.put(files, outputs)
+            self.targets.put(files, flipped, outputs)
             # what a later run reads back: a run trains the same whether the cache was warm or cold
             outputs = outputs.to(torch.float16)
         return outputs
@@ -735,11 +770,25 @@ class _Run:
         labels = self.data.labels[indices].to(self.device) if self.data.labels is not None else None
         sync = runner.no_sync() if self.distributed and not last_of_group else nullcontext()
         with sync:
-            with autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.amp_dtype), self._prefix_skipped(batch, indices):
                 student_out = runner(batch)
             loss = self.task.loss(student_out, teacher_out, labels, model=self.student, images=batch) / group_size
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return float(loss.detach())
+
+    def _prefix_skipped(self, batch: torch.Tensor, indices: torch.Tensor) -> Any:
+        """A context in which the student's frozen prefix is not recomputed for ``batch`` (kept on first sight)."""
+        if self.prefix is None:
+            return nullcontext()
+        dataset = self.data.dataset
+        keys = [(int(i), dataset.flips(int(i))) for i in indices]
+        inputs = self.prefix.get(keys)
+        if inputs is None:
+            clear_attention_bias_caches(self.student)
+            inputs = self.prefix.capture(lambda: self.task.outputs(self.student, batch))
+            self.prefix.put(keys, inputs)
+        self.result.frozen_prefix["kept_images"] = len(self.prefix.store)
+        return self.prefix.skipping(inputs.to(self.device))
 
     def _optimizer_step(self, group_loss: float, step_images: int, step_start: float) -> dict[str, float]:
         if not self.gradients_checked:

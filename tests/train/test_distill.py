@@ -278,8 +278,6 @@ def test_bad_input_gives_clear_errors(image_dir, tmp_path):
         distill(model, image_dir, "resize size=32", progress=False)
     with pytest.raises(DistillConfigError, match="CUDA|float16"):
         distill(model, image_dir, "cubist r=1 loc=1", dtype="float16", progress=False)
-    with pytest.raises(DistillConfigError, match="augment"):
-        distill(model, image_dir, "cubist r=1 loc=1", augment=True, cache=tmp_path / "c", progress=False)
     with pytest.raises(DistillConfigError, match="unmerged model"):
         distill(cubistmerge.patch(tiny_vit(), "cubist", r=1), image_dir, "cubist r=1 loc=1", progress=False)
     with pytest.raises(TypeError, match="cannot tell how to distil"):
@@ -574,6 +572,29 @@ def test_teacher_outputs_come_from_the_cache_once_written(image_dir, tmp_path):
         torch.save(torch.zeros_like(torch.load(file, weights_only=True)), file)
     third = distill(model, image_dir, "tome r=4", teacher=teacher, **common)
     assert calls == [] and third.history[0]["loss"] != first.history[0]["loss"]
+
+
+def test_the_cache_keeps_one_target_per_image_and_side(image_dir, tmp_path):
+    """With flips, a cached target is the teacher's output for the side the image is shown: a warm cache gives
+    the cold run's losses without running the teacher, and holds one file per (image, side) drawn."""
+    from cubistmerge.train.data import ImageFolder
+
+    model = tiny_vit()
+    cache = tmp_path / "cache"
+    common = dict(epochs=3, lr=1e-3, batch_size=4, progress=False, augment=True, cache=cache, trainable="all")
+    first = distill(model, image_dir, "tome r=4", **common)
+    dataset = ImageFolder(image_dir, make_task(model).transform(model), augment=True)
+    sides = set()
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        sides |= {(i, dataset.flips(i)) for i in range(NUM_IMAGES)}
+    assert len(sides) > NUM_IMAGES and len(list(cache.rglob("*.pt"))) == len(sides)
+    teacher = copy.deepcopy(model)
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    second = distill(model, image_dir, "tome r=4", teacher=teacher, **common)
+    assert calls == []
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in first.history]
 
 
 # --------------------------------------------------------------------------- labels
