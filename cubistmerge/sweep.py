@@ -33,7 +33,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ from .bench import (
     text_table,
 )
 from .flops import count_flops
+
+if TYPE_CHECKING:
+    from .eval.stats import PairedInterval
 
 __all__ = [
     "AMOUNT_OPTIONS",
@@ -153,6 +156,9 @@ class SweepRow:
     ms_per_call: RunStats  # wall-clock ms of one call of the speed module on the speed input
     flops: int  # of the speed module on the speed input
     flop_ratio: float  # unmerged FLOPs / these FLOPs
+    # each image's share of the metrics where the task records it: {"ids", "totals": {metric: [...]}, "counts"};
+    # a metric over a set of images is sum(totals) / sum(counts) (what SweepResult.paired resamples)
+    per_image: dict[str, Any] | None = None
 
     @property
     def efficiency(self) -> float:
@@ -185,6 +191,29 @@ class SweepResult:
         """``row``'s metric minus the unmerged model's."""
         metric = metric or self.primary_metric
         return row.metrics[metric] - self.reference.metrics[metric]
+
+    def paired(
+        self, row: SweepRow, base: SweepRow | None = None, metric: str | None = None, **options: Any
+    ) -> PairedInterval:
+        """``row``'s metric minus ``base``'s (default the unmerged model's) with a paired bootstrap interval over
+        the images both were scored on (an image where either metric is undefined is left out).
+
+        Raises:
+            ValueError: a row without per-image results (older results, or a task that records none).
+        """
+        from .eval.stats import paired_bootstrap
+
+        base = base or self.reference
+        metric = metric or self.primary_metric
+        if row.per_image is None or base.per_image is None:
+            raise ValueError(f"no per-image results for {row.label!r} or {base.label!r}: rerun the sweep")
+        ours, other = row.per_image, base.per_image
+        mine = dict(zip(ours["ids"], zip(ours["totals"][metric], ours["counts"], strict=True), strict=True))
+        theirs = dict(zip(other["ids"], other["totals"][metric], strict=True))
+        shared = [i for i in mine if i in theirs and not math.isnan(mine[i][0]) and not math.isnan(theirs[i])]
+        return paired_bootstrap(
+            [mine[i][0] for i in shared], [theirs[i] for i in shared], [mine[i][1] for i in shared], **options
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -510,6 +539,7 @@ def run_sweep(
                 ms_per_call=ms,
                 flops=flops[label],
                 flop_ratio=flops[base_label] / flops[label] if flops[label] else math.nan,
+                per_image=getattr(task, "per_image", {}).get(label),
             )
         )
     device = example.device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import timm
@@ -75,12 +76,19 @@ class _AgreementTask:
 
     def evaluate(self, models):
         self.evaluated = list(models)
+        self.per_image = {}
         with torch.no_grad():
             reference = models["unmerged"](self.images).argmax(-1)
-            return {
-                label: {"agreement": float((m(self.images).argmax(-1) == reference).float().mean()), "seen": 4.0}
-                for label, m in models.items()
-            }
+            metrics = {}
+            for label, m in models.items():
+                agrees = (m(self.images).argmax(-1) == reference).float()
+                self.per_image[label] = {
+                    "ids": list(range(4)),
+                    "totals": {"agreement": agrees.tolist()},
+                    "counts": [1] * 4,
+                }
+                metrics[label] = {"agreement": float(agrees.mean()), "seen": 4.0}
+            return metrics
 
     def describe(self):
         return {"model": "vit_tiny (random)", "data": "4 random images"}
@@ -122,6 +130,16 @@ def test_run_sweep_measures_every_setting_against_the_unmerged_copy(tiny_vit, tm
     assert result.setup["command"] == "test" and result.setup["model"] == "vit_tiny (random)"
     assert result.setup["speed_input"] == [2, 3, 64, 64]
 
+    # each row keeps its per-image results, so a change has a paired interval over the images
+    for row in result.rows:
+        assert row.per_image == task.per_image[row.label]
+        interval = result.paired(row, resamples=100)
+        assert interval.delta == pytest.approx(result.delta(row)) and interval.images == 4
+        assert interval.low <= interval.delta <= interval.high
+    assert result.paired(result.rows[1], base=result.rows[2]).delta == pytest.approx(
+        result.rows[1].metrics["agreement"] - result.rows[2].metrics["agreement"]
+    )
+
     # renderings
     data = json.loads(result.to_json())
     assert SweepResult.from_dict(data).to_dict() == data
@@ -131,6 +149,20 @@ def test_run_sweep_measures_every_setting_against_the_unmerged_copy(tiny_vit, tm
     png = tmp_path / "curves.png"
     result.plot(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_aligns_images_by_id_and_leaves_undefined_ones_out():
+    def row(label, ids, values, counts):
+        return SweepRow(label, "none", {}, label, {"m": 0.0}, 1.0, RunStats.of([1.0]), RunStats.of([1.0]), 1, 1.0,
+                        per_image={"ids": ids, "totals": {"m": values}, "counts": counts})  # fmt: skip
+
+    base = row("unmerged", ["a", "b", "c"], [1.0, 2.0, 3.0], [1, 2, 3])
+    other = row("x", ["c", "a", "b"], [3.5, float("nan"), 2.5], [3, 1, 2])
+    result = SweepResult("t", "m", True, [base, other])
+    interval = result.paired(other, resamples=50)
+    assert interval.images == 2 and interval.delta == pytest.approx((3.5 + 2.5 - 3.0 - 2.0) / 5)
+    with pytest.raises(ValueError, match="no per-image results"):
+        result.paired(replace(other, per_image=None))
 
 
 def test_run_sweep_errors_name_the_setting(tiny_vit):

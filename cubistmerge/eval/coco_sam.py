@@ -507,6 +507,18 @@ MOBILESAM_CURVE_SETTINGS: tuple[str, ...] = (
 )
 
 
+def _per_image_totals(instances: Sequence[InstanceResult]) -> dict[str, Any]:
+    """Each image's instance-IoU sum and instance count, in image-id order: mIoU over any set of images is
+    the ratio of their sums (what a paired bootstrap over images resamples)."""
+    totals: dict[int, list[float]] = {}
+    for instance in instances:
+        total = totals.setdefault(instance.image_id, [0.0, 0])
+        total[0] += instance.iou
+        total[1] += 1
+    ids = sorted(totals)
+    return {"ids": ids, "totals": {"miou": [totals[i][0] for i in ids]}, "counts": [totals[i][1] for i in ids]}
+
+
 class SamCocoSweep:
     """COCO box-prompt mIoU as a :func:`cubistmerge.sweep.run_sweep` task; the image encoder is what is merged.
 
@@ -545,6 +557,7 @@ class SamCocoSweep:
         self.progress = progress
         self.description = dict(description or {})
         self.num_instances: int | None = None
+        self.per_image: dict[str, dict[str, Any]] = {}  # label -> per-image IoU sums and counts (see sweep)
 
     def speed_module(self, model: nn.Module) -> nn.Module:
         return model.image_encoder
@@ -573,6 +586,7 @@ class SamCocoSweep:
                 dtype=self.dtype,
             )
             self.num_instances = result.num_instances
+            self.per_image[label] = _per_image_totals(result.instances)
             metrics[label] = {
                 "miou": result.miou,
                 "median_iou": result.median_iou,

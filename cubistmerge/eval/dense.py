@@ -267,6 +267,7 @@ class DenseSweep:
         self.dtype = dtype
         self.progress = progress
         self.description = dict(description or {})
+        self.per_image: dict[str, dict[str, Any]] = {}  # label -> each image's metrics (see sweep)
 
     def speed_module(self, model: nn.Module) -> nn.Module:
         return model.backbone
@@ -286,6 +287,12 @@ class DenseSweep:
             dtype=self.dtype,
             progress=self.progress,
         )
+        for label in models:
+            self.per_image[label] = {
+                "ids": [record.file for record in result.records],
+                "totals": {metric: [record.metrics[label][metric] for record in result.records] for metric in METRICS},
+                "counts": [1] * len(result.records),
+            }
         return result.metrics
 
     def describe(self) -> dict[str, Any]:

