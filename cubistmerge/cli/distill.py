@@ -105,7 +105,9 @@ def _add_target_arguments(parser: argparse.ArgumentParser, target: str) -> None:
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=float, default=1.0, help="passes over the images (default: %(default)s)")
-    training.add_argument("--lr", type=float, default=1e-6, help="peak AdamW learning rate (default: %(default)s)")
+    training.add_argument(
+        "--lr", type=float, default=None, help="peak AdamW learning rate (default: per task, sam 1e-4, else 1e-6)"
+    )
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     training.add_argument(
         "--warmup", type=float, default=0.05, help="fraction of the steps warming up (default: %(default)s)"

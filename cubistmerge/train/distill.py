@@ -33,7 +33,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,18 @@ OPERATIONAL_FIELDS = ("workers", "save_every", "eval_every", "prefix_cache_gb")
 TASK_OPTIONS = ("temperature", "ce_weight", "dense_target", "exclude_padding", "decoder_weight", "prompt_grid")
 
 
+# The peak learning rate per task when none is given, each from a sweep on held-out unlabelled images:
+# - sam: MobileSAM cubist r=2 loc=2 metric=l2, 160 images x 2 epochs, scored on 64 held-out sample images
+#   (docs/minisam_recipe_probe.json, scripts/distill_probe.py): 1e-5, 3e-5, 1e-4 lowered the embedding error
+#   0.264 -> 0.228, 0.221, 0.215 and raised the decoder masks' agreement with the teacher's 0.919 -> 0.926,
+#   0.927, 0.929.
+# - dense, classifier: ImgFocus (cubist r=2 loc=1, 10 AdamW steps, 80 training and 24 held-out images): the
+#   problem is sharp there: a plain gradient step of 1e-3 raised the loss 46-fold, AdamW at 1e-5 made the
+#   held-out feature loss worse (0.058 -> 0.110) where 1e-6 lowered it (0.045; 3e-7: 0.051; 3e-6: 0.058).
+#   Classifiers were not swept; they share the dense value.
+DEFAULT_LR = {"sam": 1e-4, "dense": 1e-6, "classifier": 1e-6}
+
+
 class DistillConfigError(ValueError):
     """A distillation request that cannot run as given; the message says what is allowed."""
 
@@ -65,10 +77,7 @@ class UntrainedParameterError(RuntimeError):
 class DistillConfig:
     """Every knob of a run; recorded in checkpoints and results.
 
-    ``lr`` (default 1e-6) is the peak learning rate after ``warmup``. Distilling towards a model that is the
-    student itself minus a merge is a very sharp problem: on ImgFocus a plain gradient step of 1e-3 raises the
-    loss 46-fold, and AdamW at 1e-5 made the held-out loss worse (on the features: 0.058 -> 0.110 after 10
-    steps) where 1e-6 lowered it (0.058 -> 0.045; 3e-7: 0.051; 3e-6: 0.058), 80 training images, 24 held-out ones. The
+    ``lr`` is the peak learning rate after ``warmup``; None takes the task's :data:`DEFAULT_LR`. The
     learning rate warms up linearly over the ``warmup`` fraction of all optimizer steps, then follows a cosine
     to ``min_lr_ratio * lr``. ``batch_size`` is per process; one optimizer step sees
     ``batch_size * accumulate * world_size`` images.
@@ -76,7 +85,7 @@ class DistillConfig:
 
     setting: str
     epochs: float = 1.0
-    lr: float = 1e-6
+    lr: float | None = None
     weight_decay: float = 0.0
     warmup: float = 0.05
     min_lr_ratio: float = 0.0
@@ -101,7 +110,7 @@ class DistillConfig:
                 raise DistillConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.epochs > 0:
             raise DistillConfigError(f"epochs must be > 0 (fractions allowed), got {self.epochs}")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             raise DistillConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise DistillConfigError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
@@ -326,6 +335,11 @@ def _make_config(setting: str, options: dict[str, Any]) -> tuple[DistillConfig, 
     return config, {k: v for k, v in options.items() if k in TASK_OPTIONS}
 
 
+def _with_task_defaults(config: DistillConfig, task: DistillTask) -> DistillConfig:
+    """The config with what was left to the task filled in (the recorded recipe holds the value used)."""
+    return config if config.lr is not None else replace(config, lr=DEFAULT_LR[task.name])
+
+
 def distill_recipe(
     model: nn.Module,
     images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -343,6 +357,7 @@ def distill_recipe(
     """
     config, task_options = _make_config(setting, options)
     distill_task = make_task(model, task, **task_options)
+    config = _with_task_defaults(config, distill_task)
     data = _load_data(images, distill_task, model, config)
     recipe = _recipe(config, distill_task, data, model, _start_digests(model, teacher), world_size)
     return recipe, recipe_fingerprint(recipe)
@@ -389,7 +404,7 @@ def distill(
     task: str = "auto",
     teacher: nn.Module | None = None,
     epochs: float = 1.0,
-    lr: float = 1e-6,
+    lr: float | None = None,
     batch_size: int = 4,
     accumulate: int = 1,
     dtype: str = "float32",
@@ -437,7 +452,8 @@ def distill(
         task: ``"auto"`` or ``"sam"`` / ``"dense"`` / ``"classifier"`` (:mod:`cubistmerge.train.tasks`).
         teacher: the model to imitate; default an unpatched frozen copy of ``model``.
         epochs: passes over the images (a fraction runs part of one).
-        lr, weight_decay, warmup, min_lr_ratio: AdamW and its schedule (linear warm-up over the ``warmup``
+        lr: AdamW's peak learning rate; None: the task's :data:`DEFAULT_LR` (sam 1e-4, dense and classifier 1e-6).
+        weight_decay, warmup, min_lr_ratio: AdamW and its schedule (linear warm-up over the ``warmup``
             fraction of steps, then cosine).
         batch_size, accumulate: images per forward per process, forwards per optimizer step.
         dtype: ``float32``, ``bfloat16`` (autocast, CPU or GPU) or ``float16`` (autocast + GradScaler, GPU only).
@@ -491,6 +507,7 @@ def distill(
     device = torch.device(device)
     variant = _check_request(config, device, cache)
     distill_task = make_task(model, task, **task_options)
+    config = _with_task_defaults(config, distill_task)
     run = _Run(model, images, config, variant, distill_task, teacher, device, cache)
     if resume is not None:
         run.restore(read_checkpoint(resume))

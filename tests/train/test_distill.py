@@ -553,6 +553,17 @@ def test_the_recipe_fingerprint_is_known_before_training_and_recorded(image_dir,
         distill_recipe(tiny_vit(), image_dir, "tome r=4", learning_rate=1e-4)
 
 
+def test_the_default_learning_rate_is_the_tasks_and_is_recorded(image_dir):
+    from cubistmerge.train.distill import DEFAULT_LR, distill_recipe
+
+    sam_recipe, _ = distill_recipe(_tiny_minisam(), image_dir, "cubist r=2 loc=1")
+    vit_recipe, _ = distill_recipe(tiny_vit(), image_dir, "tome r=4")
+    assert sam_recipe["config"]["lr"] == DEFAULT_LR["sam"] == 1e-4
+    assert vit_recipe["config"]["lr"] == DEFAULT_LR["classifier"] == 1e-6
+    given, fingerprint = distill_recipe(tiny_vit(), image_dir, "tome r=4", lr=1e-6)
+    assert given["config"]["lr"] == 1e-6 and fingerprint == distill_recipe(tiny_vit(), image_dir, "tome r=4")[1]
+
+
 def test_teacher_outputs_come_from_the_cache_once_written(image_dir, tmp_path):
     """The second run with the cache never runs the teacher, and trains exactly as the first run did.
     (trainable='all': the default's probe runs the teacher once on two images to find the reduction.)"""
