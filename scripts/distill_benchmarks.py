@@ -119,7 +119,7 @@ def train_students(args: argparse.Namespace, model: torch.nn.Module, settings: l
             images,
             setting,
             **options,
-            cache=args.students / f"{args.task}_teacher_cache",
+            cache=args.cache or args.students / f"{args.task}_teacher_cache",
             out=out,
             save_every=25,
             resume=out if recorded is not None else None,
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=ROOT / "scratch" / "students",
         help="checkpoints and the teacher cache (default: scratch/students in the repository, not committed)",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="the teacher's outputs (default: STUDENTS/TASK_teacher_cache)"
     )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=None, help="default: the task's (cubistmerge.train.DEFAULT_LR)")
