@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--from-json", type=Path, action="append", help="render saved runs (repeat to join runs)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--section", help="the BENCHMARKS.md section to write (default: the task's)")
+    parser.add_argument("--title", help="the section's title (default: the task's)")
+    parser.add_argument("--plot", help="the plot's path in the repository (default: the task's)")
     args = parser.parse_args(argv)
 
     if args.from_json:
@@ -210,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.json:
             write_output(args.json, json.dumps({"sweep": result.to_dict(), "training": training}, indent=1) + "\n")
-    plot = ROOT / PLOTS[args.task]
+    plot = ROOT / (args.plot or PLOTS[args.task])
+    title = args.title or TITLES[args.task]
     plot.parent.mkdir(parents=True, exist_ok=True)
-    result.plot(plot, title=f"{TITLES[args.task]} — {result.setup.get('data', '')}")
-    table = render(args.task, result, training, plot.relative_to(ROOT), notes)
+    result.plot(plot, title=f"{title} — {result.setup.get('data', '')}")
+    table = render(args.task, result, training, plot.relative_to(ROOT), notes, title)
     print(table)
-    write_section(args.output, SECTIONS[args.task], table)
+    write_section(args.output, args.section or SECTIONS[args.task], table)
     return 0
 
 
@@ -255,7 +259,10 @@ def join_runs(payloads: list[dict], order: tuple[str, ...] = ()) -> tuple[SweepR
     return first, training, notes
 
 
-def render(task: str, result: SweepResult, training: dict, plot: Path, notes: list[str] | None = None) -> str:
+def render(
+    task: str, result: SweepResult, training: dict, plot: Path, notes: list[str] | None = None, title: str = ""
+) -> str:
+    title = title or TITLES[task]
     setup = result.setup
     metrics = result.metric_names()
     scale, digits = (100.0, 2) if task == "sam" else (1.0, 4)
@@ -275,7 +282,7 @@ def render(task: str, result: SweepResult, training: dict, plot: Path, notes: li
     paired = all(row.per_image is not None for row in result.rows)
     interval_header = " | after − unmerged [95% CI] | after − before [95% CI]" if paired else ""
     lines = [
-        f"## {TITLES[task]}",
+        f"## {title}",
         "",
         f"Students distilled on {count} of the assets' 1000 unlabelled `imagenet-sample-images` (not the test "
         f"images) with `cubistmerge.train.distill`: {config['epochs']:g} epoch(s), batch {config['batch_size']}, "
@@ -321,7 +328,7 @@ def render(task: str, result: SweepResult, training: dict, plot: Path, notes: li
         ]
     lines += ["", "Goals, judged on the students: " + _verdict(task, result, training, rows)]
     lines += note_paragraphs(notes)
-    lines += ["", f"![{TITLES[task]}]({plot.as_posix()})"]
+    lines += ["", f"![{title}]({plot.as_posix()})"]
     return "\n".join(lines)
 
 
