@@ -319,7 +319,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "distill: the teacher cache is written but never read",
         "cubistmerge/train/distill.py",
-        "        cached = self.targets.get(files) if self.targets is not None else None",
+        "        cached = self.targets.get(files, flipped) if self.targets is not None else None",
         "        cached = None",
         ("tests/train/test_distill.py",),
     ),
@@ -329,6 +329,42 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    trained = {k: v for k, v in asdict(config).items() if k not in OPERATIONAL_FIELDS}",
         "    trained = {k: v for k, v in asdict(config).items() if k not in (*OPERATIONAL_FIELDS, 'lr')}",
         ("tests/train/test_distill.py",),
+    ),
+    Mutation(
+        "distill: the teacher cache keeps one target per image whatever side it is shown",
+        "cubistmerge/train/distill.py",
+        '        side = "|flipped" if flipped else ""',
+        '        side = ""',
+        ("tests/train/test_distill.py",),
+    ),
+    Mutation(
+        "distill: the frozen prefix's output is kept per image whatever its flip",
+        "cubistmerge/train/distill.py",
+        "        keys = [(int(i), dataset.flips(int(i))) for i in indices]",
+        "        keys = [(int(i), False) for i in indices]",
+        ("tests/train/test_prefix.py",),
+    ),
+    Mutation(
+        "prefix: the skipped modules still run",
+        "cubistmerge/train/prefix.py",
+        "            module.forward = (lambda *_args, **_kwargs: outputs) "
+        "if name == self.kept else self.placeholders[name]",
+        "            pass",
+        ("tests/train/test_prefix.py",),
+    ),
+    Mutation(
+        "distill: the default learning rate is not the task's",
+        "cubistmerge/train/distill.py",
+        "    return config if config.lr is not None else replace(config, lr=DEFAULT_LR[task.name])",
+        "    return config if config.lr is not None else replace(config, lr=1e-6)",
+        ("tests/train/test_distill.py",),
+    ),
+    Mutation(
+        "stats: the bootstrap draws other images for the second model (unpaired)",
+        "cubistmerge/eval/stats.py",
+        "    resampled = (weights @ a - weights @ b) / (weights @ n)",
+        "    resampled = (weights @ a - weights[::-1] @ b) / (weights @ n)",
+        ("tests/eval/test_stats.py",),
     ),
     Mutation(
         "distill: labels never reach the loss",
