@@ -38,6 +38,7 @@ from make_curves import _task  # noqa: E402
 from cubistmerge.assets import assets_dir  # noqa: E402
 from cubistmerge.sweep import SweepResult, run_sweep  # noqa: E402
 from cubistmerge.train import distill, distill_recipe, find_images, read_checkpoint  # noqa: E402
+from cubistmerge.train.trainable import TRAINABLE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--held-out", type=int, default=100, help="never train on the last N sample images (default: %(default)s)"
     )
-    parser.add_argument("--trainable", default="after_reduction", choices=("after_reduction", "all", "norms_biases"))
+    parser.add_argument("--trainable", default="after_reduction", choices=TRAINABLE)
     parser.add_argument("--augment", action="store_true", help="random horizontal flips")
     parser.add_argument("--warmup-fraction", type=float, default=0.05, help="lr warm-up share of the steps")
     parser.add_argument("--exclude-padding", action="store_true", help="sam: embedding MSE over the image only")

@@ -340,7 +340,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "distill: the frozen prefix's output is kept per image whatever its flip",
         "cubistmerge/train/distill.py",
-        "        keys = [(int(i), dataset.flips(int(i))) for i in indices]",
+        "        keys = [(int(i), side) for i, side in zip(indices, flipped, strict=True)]",
         "        keys = [(int(i), False) for i in indices]",
         ("tests/train/test_prefix.py",),
     ),
@@ -355,8 +355,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "distill: the default learning rate is not the task's",
         "cubistmerge/train/distill.py",
-        "    return config if config.lr is not None else replace(config, lr=DEFAULT_LR[task.name])",
-        "    return config if config.lr is not None else replace(config, lr=1e-6)",
+        "        config = replace(config, lr=DEFAULT_LR[distill_task.name])",
+        "        config = replace(config, lr=1e-6)",
         ("tests/train/test_distill.py",),
     ),
     Mutation(

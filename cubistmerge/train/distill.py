@@ -25,6 +25,7 @@ refused, and scripts reuse a student only when the fingerprints match.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -47,8 +48,8 @@ from .tasks import DistillTask, make_task
 from .trainable import clear_attention_bias_caches, select_trainable
 
 DTYPES = ("float32", "bfloat16", "float16")
-# Config fields that say how a run is carried out, not what it trains: they may change on resume.
-# how a run is carried out, not what it trains: left out of the recipe and its fingerprint
+# Config fields that say how a run is carried out, not what it trains: they may change on resume (they are left
+# out of the recipe and its fingerprint).
 OPERATIONAL_FIELDS = ("workers", "save_every", "eval_every", "prefix_cache_gb")
 TASK_OPTIONS = ("temperature", "ce_weight", "dense_target", "exclude_padding", "decoder_weight", "prompt_grid")
 
@@ -324,20 +325,21 @@ def _recipe(
     }
 
 
-def _make_config(setting: str, options: dict[str, Any]) -> tuple[DistillConfig, dict[str, Any]]:
-    """Split keyword options into the config's fields and the task's; unknown names are an error."""
+def _make_config(
+    model: nn.Module, task: str, setting: str, options: dict[str, Any]
+) -> tuple[DistillConfig, DistillTask]:
+    """The run's config and task from keyword options (unknown names are an error); what was left to the task
+    (the learning rate) is filled in, so the recorded recipe holds the value used."""
     names = {f.name for f in fields(DistillConfig)} - {"setting"}
     unknown = set(options) - names - set(TASK_OPTIONS)
     if unknown:
         raise TypeError(f"unknown distillation options {sorted(unknown)}; known: {sorted(names | set(TASK_OPTIONS))}")
     config = DistillConfig(setting=" ".join(setting.split()), **{k: v for k, v in options.items() if k in names})
     config.check()
-    return config, {k: v for k, v in options.items() if k in TASK_OPTIONS}
-
-
-def _with_task_defaults(config: DistillConfig, task: DistillTask) -> DistillConfig:
-    """The config with what was left to the task filled in (the recorded recipe holds the value used)."""
-    return config if config.lr is not None else replace(config, lr=DEFAULT_LR[task.name])
+    distill_task = make_task(model, task, **{k: v for k, v in options.items() if k in TASK_OPTIONS})
+    if config.lr is None:
+        config = replace(config, lr=DEFAULT_LR[distill_task.name])
+    return config, distill_task
 
 
 def distill_recipe(
@@ -355,9 +357,7 @@ def distill_recipe(
     ``options`` are :func:`distill`'s keyword arguments that shape training (``epochs``, ``lr``, ``batch_size``,
     ``trainable``, ``ce_weight``, ...). Scripts use it to reuse a checkpoint only when it was trained this way.
     """
-    config, task_options = _make_config(setting, options)
-    distill_task = make_task(model, task, **task_options)
-    config = _with_task_defaults(config, distill_task)
+    config, distill_task = _make_config(model, task, setting, options)
     data = _load_data(images, distill_task, model, config)
     recipe = _recipe(config, distill_task, data, model, _start_digests(model, teacher), world_size)
     return recipe, recipe_fingerprint(recipe)
@@ -503,11 +503,9 @@ def distill(
         "temperature": temperature, "ce_weight": ce_weight, "dense_target": dense_target,
         "exclude_padding": exclude_padding, "decoder_weight": decoder_weight, "prompt_grid": prompt_grid,
     }  # fmt: skip
-    config, task_options = _make_config(setting, options)
+    config, distill_task = _make_config(model, task, setting, options)
     device = torch.device(device)
     variant = _check_request(config, device, cache)
-    distill_task = make_task(model, task, **task_options)
-    config = _with_task_defaults(config, distill_task)
     run = _Run(model, images, config, variant, distill_task, teacher, device, cache)
     if resume is not None:
         run.restore(read_checkpoint(resume))
@@ -615,7 +613,7 @@ class _Run:
 
     def _select_parameters(self) -> tuple[list[str], list[nn.Parameter]]:
         """Which parameters train, decided on the first images before any step; the others are frozen."""
-        probe = self._probe()
+        probe = self._probe
 
         def run(model: nn.Module) -> torch.Tensor:
             clear_attention_bias_caches(model)
@@ -627,7 +625,9 @@ class _Run:
             parameter.requires_grad_(name in chosen)
         return names, [p for n, p in self.student.named_parameters() if n in chosen]
 
+    @functools.cached_property
     def _probe(self) -> torch.Tensor:
+        """The first two images: what the trained set and the frozen prefix are decided on."""
         dataset = self.data.dataset
         return torch.stack([dataset[i][0] for i in range(min(2, len(dataset)))]).to(self.device)
 
@@ -636,7 +636,7 @@ class _Run:
         if self.config.prefix_cache_gb == 0:
             self.result.frozen_prefix = {"off": "prefix_cache_gb=0"}
             return None
-        probe = self._probe()
+        probe = self._probe
 
         def run() -> torch.Tensor:
             clear_attention_bias_caches(self.student)
@@ -685,10 +685,8 @@ class _Run:
             "wall_s": wall_s,
         }
 
-    def teacher_outputs(self, batch: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        dataset = self.data.dataset
-        files = [dataset.paths[int(i)] for i in indices]
-        flipped = [dataset.flips(int(i)) for i in indices]
+    def teacher_outputs(self, batch: torch.Tensor, indices: torch.Tensor, flipped: list[bool]) -> torch.Tensor:
+        files = [self.data.dataset.paths[int(i)] for i in indices]
         cached = self.targets.get(files, flipped) if self.targets is not None else None
         if cached is not None:
             return cached.to(self.device)
@@ -783,29 +781,29 @@ class _Run:
         self, runner: nn.Module, batch: torch.Tensor, indices: torch.Tensor, group_size: int, last_of_group: bool
     ) -> float:
         """Forward and backward of one batch; its share of the group's loss."""
-        teacher_out = self.teacher_outputs(batch, indices)
+        flipped = [self.data.dataset.flips(int(i)) for i in indices]  # the side each image is shown this epoch
+        teacher_out = self.teacher_outputs(batch, indices, flipped)
         labels = self.data.labels[indices].to(self.device) if self.data.labels is not None else None
         sync = runner.no_sync() if self.distributed and not last_of_group else nullcontext()
         with sync:
-            with autocast(self.device, self.amp_dtype), self._prefix_skipped(batch, indices):
+            with autocast(self.device, self.amp_dtype), self._prefix_skipped(batch, indices, flipped):
                 student_out = runner(batch)
             loss = self.task.loss(student_out, teacher_out, labels, model=self.student, images=batch) / group_size
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return float(loss.detach())
 
-    def _prefix_skipped(self, batch: torch.Tensor, indices: torch.Tensor) -> Any:
+    def _prefix_skipped(self, batch: torch.Tensor, indices: torch.Tensor, flipped: list[bool]) -> Any:
         """A context in which the student's frozen prefix is not recomputed for ``batch`` (kept on first sight)."""
         if self.prefix is None:
             return nullcontext()
-        dataset = self.data.dataset
-        keys = [(int(i), dataset.flips(int(i))) for i in indices]
-        inputs = self.prefix.get(keys)
-        if inputs is None:
+        keys = [(int(i), side) for i, side in zip(indices, flipped, strict=True)]
+        kept = self.prefix.get(keys)
+        if kept is None:
             clear_attention_bias_caches(self.student)
-            inputs = self.prefix.capture(lambda: self.task.outputs(self.student, batch))
-            self.prefix.put(keys, inputs)
+            kept = self.prefix.capture(lambda: self.task.outputs(self.student, batch))
+            self.prefix.put(keys, kept)
         self.result.frozen_prefix["kept_images"] = len(self.prefix.store)
-        return self.prefix.skipping(inputs.to(self.device))
+        return self.prefix.skipping(kept)
 
     def _optimizer_step(self, group_loss: float, step_images: int, step_start: float) -> dict[str, float]:
         if not self.gradients_checked:

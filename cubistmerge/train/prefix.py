@@ -24,17 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .trainable import _enclosing_block
+from .trainable import _enclosing_block, _first_tensor, _same
 
 __all__ = ["FrozenPrefix", "find_frozen_prefix"]
 
 
 class _Captured(Exception):
-    """Raised by the boundary's hook to stop a forward once its input is known."""
-
-
-def _first_tensor_position(args: tuple) -> int | None:
-    return next((i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)), None)
+    """Raised by the kept module's hook to stop a forward once its output is known."""
 
 
 @dataclass
@@ -45,10 +41,9 @@ class _Placeholder:
     dtype: torch.dtype
 
     def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
-        position = _first_tensor_position(args)
-        reference = (
-            args[position] if position is not None else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        )
+        reference = _first_tensor(args)
+        if reference is None:
+            reference = _first_tensor(tuple(kwargs.values()))
         return torch.zeros((reference.shape[0], *self.shape), dtype=self.dtype, device=reference.device)
 
 
@@ -112,14 +107,14 @@ class FrozenPrefix:
                     module.forward = before[name]
 
     def get(self, keys: Sequence[Hashable]) -> torch.Tensor | None:
-        """The kept inputs of a batch stacked, or None unless every key is kept."""
+        """The kept outputs of a batch stacked, or None unless every key is kept."""
         if not all(key in self.store for key in keys):
             return None
         return torch.stack([self.store[key] for key in keys])
 
-    def put(self, keys: Sequence[Hashable], inputs: torch.Tensor) -> None:
-        """Keep each item's input while the store has room (a full store keeps what it has)."""
-        for key, item in zip(keys, inputs, strict=True):
+    def put(self, keys: Sequence[Hashable], outputs: torch.Tensor) -> None:
+        """Keep each item's output while the store has room (a full store keeps what it has)."""
+        for key, item in zip(keys, outputs, strict=True):
             size = item.numel() * item.element_size()
             if key not in self.store and self.stored_bytes + size <= self.max_bytes:
                 self.store[key] = item.clone()
@@ -142,25 +137,29 @@ def find_frozen_prefix(model: nn.Module, run: Callable[[], torch.Tensor], *, max
     names = {module: name for name, module in model.named_modules()}
     containers = {name for name, module in model.named_modules() if isinstance(module, nn.ModuleList | nn.Sequential)}
     events: list[tuple[str, str]] = []  # ("enter" | "exit", name) in call order
-    outputs: dict[str, object] = {}
     calls: dict[str, int] = {}
     batch_sizes: dict[str, int | None] = {}
+    # each module's output as a placeholder would stand in for it (shapes only: the probe's activations at full
+    # resolution would be kept for every module otherwise), None where no placeholder can
+    stand_ins: dict[str, _Placeholder | None] = {}
 
     def enter(module: nn.Module, args: tuple) -> None:
         name = names[module]
         events.append(("enter", name))
         calls[name] = calls.get(name, 0) + 1
-        position = _first_tensor_position(args)
-        batch_sizes[name] = args[position].shape[0] if position is not None and args[position].dim() else None
+        tensor = _first_tensor(args)
+        batch_sizes[name] = tensor.shape[0] if tensor is not None and tensor.dim() else None
 
     def leave(module: nn.Module, _args: tuple, output: object) -> None:
-        events.append(("exit", names[module]))
-        outputs[names[module]] = output
+        name = names[module]
+        events.append(("exit", name))
+        fits = isinstance(output, torch.Tensor) and output.dim() > 0 and batch_sizes[name] == output.shape[0]
+        stand_ins[name] = _Placeholder(tuple(output.shape[1:]), output.dtype) if fits else None
 
     handles = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
     try:
         with torch.no_grad():
-            run()
+            reference = run()
     finally:
         for handle in handles:
             handle.remove()
@@ -179,7 +178,7 @@ def find_frozen_prefix(model: nn.Module, run: Callable[[], torch.Tensor], *, max
     boundary_enter = next(
         i for i, (kind, name) in enumerate(events) if kind == "enter" and (name + ".").startswith(boundary + ".")
     )
-    exited_before = {name for kind, name in events[:boundary_enter] if kind == "exit"}
+    exits = {name: i for i, (kind, name) in enumerate(events[:boundary_enter]) if kind == "exit"}  # before it
 
     placeholders: dict[str, _Placeholder] = {}
 
@@ -190,33 +189,21 @@ def find_frozen_prefix(model: nn.Module, run: Callable[[], torch.Tensor], *, max
                 visit(name, child)
                 continue
             ancestor = boundary.startswith(name + ".")
-            output = outputs.get(name)
-            if (
-                not ancestor
-                and name in exited_before
-                and calls[name] == 1
-                and not _subtree_trains(child)
-                and isinstance(output, torch.Tensor)
-                and output.dim() > 0
-                and batch_sizes.get(name) == output.shape[0]
-            ):
-                placeholders[name] = _Placeholder(tuple(output.shape[1:]), output.dtype)
-            elif ancestor or name in exited_before:
+            stand_in = stand_ins.get(name)
+            if not ancestor and name in exits and calls[name] == 1 and not _subtree_trains(child) and stand_in:
+                placeholders[name] = stand_in
+            elif ancestor or name in exits:
                 visit(name, child)
 
     visit("", model)
     if not placeholders:
         return f"no frozen module runs before the first trained block ({boundary})"
-    exits = {name: i for i, (kind, name) in enumerate(events[:boundary_enter]) if kind == "exit"}
     kept = max(placeholders, key=exits.__getitem__)
     prefix = FrozenPrefix(model, boundary, kept, placeholders, max_bytes)
     with torch.no_grad():
-        reference = run()
-        inputs = prefix.capture(run)
-        with prefix.skipping(inputs):
+        with prefix.skipping(prefix.capture(run)):
             skipped = run()
-    scale = reference.float().abs().max().clamp_min(1e-12)
-    if skipped.shape != reference.shape or float((skipped.float() - reference.float()).abs().max() / scale) > 1e-5:
+    if not _same(skipped, reference):
         return (
             f"the output with the modules before {boundary} skipped differs from the full forward (they leave "
             "state that later code reads, or later code reads them past that block)"
